@@ -113,7 +113,7 @@ def _check_name(name: str) -> None:
         f"Unknown activation {name!r}; accepted names: {', '.join(available_activations())}.")
 
 
-def get_activation(name: str, **options: Any) -> Any:
+def get_activation(name: str, /, **options: Any) -> Any:
   """Returns the activation ``name`` configured by ``options``.
 
   Args:

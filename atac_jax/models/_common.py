@@ -1,0 +1,85 @@
+"""Helpers shared by the host networks: activation factories, input checks, option validation."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+from flax.core import FrozenDict
+
+from atac_jax.layers import activation_options, get_activation
+
+ModuleDef = Any
+ActivationFactory = Callable[..., Any]
+
+# Model-level options forwarded to the chosen activation when it accepts them.
+SHARED_ACTIVATION_OPTIONS = ("reduction", "dtype", "param_dtype")
+
+# He (MSRA) normal initialisation, fan-in: the reference scripts' ``MSRAPrelu`` / ``Xavier(
+# rnd_type='gaussian', factor_type='in', magnitude=2)`` for the host networks' convolutions.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def freeze_options(options: Mapping[str, Any] | None) -> FrozenDict:
+  """Returns ``options`` as a hashable ``FrozenDict`` (linen modules must be hashable)."""
+  return FrozenDict(options or {})
+
+
+def activation_factory(act: str, *, reduction: int | None, dtype: Any, param_dtype: Any,
+                       act_options: Mapping[str, Any] | None = None) -> ActivationFactory:
+  """Returns ``factory(name=...)`` building activation ``act`` for a host network.
+
+  The model-level ``reduction``, ``dtype`` and ``param_dtype`` are passed only to activations that
+  take them (so ``relu`` gets none, ``atac`` gets all three; ``reduction=None`` keeps the unit's own
+  default). ``act_options`` are passed as given, so an option the activation does not take raises.
+
+  Raises:
+    ValueError: for an unknown activation name or an option it does not accept.
+  """
+  accepted = activation_options(act)
+  shared = {"reduction": reduction, "dtype": dtype, "param_dtype": param_dtype}
+  options = {k: v for k, v in shared.items() if k in accepted and v is not None}
+  options.update(act_options or {})
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ValueError(f"Activation {act!r} does not take option(s) {unknown}; accepted: "
+                     f"{list(accepted) or 'none'}.")
+  return functools.partial(get_activation, act, **options)
+
+
+def placement_factories(chosen: ActivationFactory, flags: tuple[bool, ...]
+                        ) -> tuple[ActivationFactory, ...]:
+  """Per-position factories: ``chosen`` where ``flags`` is true, plain ReLU elsewhere."""
+  relu = functools.partial(get_activation, "relu")
+  return tuple(chosen if flag else relu for flag in flags)
+
+
+def check_int_range(value: Any, *, option: str, model: str, low: int, high: int) -> None:
+  """Raises ValueError unless ``value`` is an integer in ``[low, high]``."""
+  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    raise ValueError(f"{model}: {option} must be an integer in {list(range(low, high + 1))}, "
+                     f"got {value!r}.")
+
+
+def check_input(x: Any, *, model: str, in_channels: int | None, min_size: int) -> None:
+  """Validates an NHWC image batch.
+
+  Args:
+    x: the input array.
+    model: model name for the message.
+    in_channels: channel count the model expects, or ``None`` for any.
+    min_size: smallest height and width the network can process.
+
+  Raises:
+    ValueError: for a rank other than 4, a wrong channel count or a too small image.
+  """
+  shape = getattr(x, "shape", None)
+  if getattr(x, "ndim", None) != 4:
+    raise ValueError(f"{model} expects a rank-4 NHWC batch (N, H, W, C), got shape {shape}.")
+  if in_channels is not None and shape[-1] != in_channels:
+    raise ValueError(f"{model} expects {in_channels} input channel(s) (accepted: C = "
+                     f"{in_channels}; pass in_channels=None to accept any), got shape {shape}.")
+  if min(shape[1:3]) < min_size:
+    raise ValueError(f"{model} needs images of at least {min_size}x{min_size} (accepted: H, W >= "
+                     f"{min_size}), got shape {shape}.")

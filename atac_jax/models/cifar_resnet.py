@@ -1,0 +1,141 @@
+"""Pre-activation ResNet-v2 for CIFAR (GluonCV ``CIFARResNetV2`` layout), the ATAC paper's host.
+
+Layout (depth ``6b + 2``): input BN without scale or bias, conv3x3 -> 16, three stages of ``b``
+basic blocks of widths 16/32/64 (stride 2 at the first block of stages 2 and 3), head
+``BN -> act -> global average pool -> Dense``. A block is
+``BN -> act1 -> conv3x3(stride) -> BN -> act2 -> conv3x3 -> + shortcut``, the shortcut being the raw
+block input or, when the shape changes, a 1x1 strided convolution without BN. Convolutions have no
+bias; BatchNorm uses momentum 0.9 and epsilon 1e-5.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from atac_jax.models import _common
+
+WIDTHS = (16, 32, 64)
+MAX_ACT_LAYERS = 4
+
+
+def check_depth(depth: Any) -> int:
+  """Returns the blocks per stage ``b`` for ``depth = 6b + 2``.
+
+  Raises:
+    ValueError: if ``depth`` is not of the form ``6b + 2`` with ``b >= 1``.
+  """
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(f"CIFARResNetV2: depth must be 6b + 2 with b >= 1 (accepted: 8, 14, 20, 26, "
+                     f"32, 38, 44, 50, 56, ..., 110, ...), got {depth!r}.")
+  return (depth - 2) // 6
+
+
+def stage_uses_act(stage: int, act_layers: int) -> bool:
+  """Whether stage ``stage`` (0, 1 or 2) uses the chosen activation: ``stage + act_layers >= 4``."""
+  return stage + act_layers >= MAX_ACT_LAYERS
+
+
+class BasicBlockV2(nn.Module):
+  """Pre-activation basic block ``BN -> act1 -> conv3x3 -> BN -> act2 -> conv3x3 + shortcut``.
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first convolution (and of the projection shortcut).
+    conv: convolution factory (no bias).
+    norm: BatchNorm factory (training mode already bound).
+    act: activation factory ``act(name=...)``.
+  """
+  features: int
+  strides: int
+  conv: _common.ModuleDef
+  norm: _common.ModuleDef
+  act: _common.ActivationFactory
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    residual = x
+    y = self.act(name="act1")(self.norm(name="bn1")(x), train=train)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = self.conv(self.features, (1, 1), strides=self.strides, name="shortcut")(x)
+    y = self.conv(self.features, (3, 3), strides=self.strides, name="conv1")(y)
+    y = self.act(name="act2")(self.norm(name="bn2")(y), train=train)
+    y = self.conv(self.features, (3, 3), name="conv2")(y)
+    return y + residual
+
+
+class CIFARResNetV2(nn.Module):
+  """Pre-activation ResNet-v2 of depth ``6b + 2`` on NHWC images (any size >= 4x4).
+
+  Submodules: ``bn_in``, ``conv_in``, ``stage{1,2,3}_block{j}`` (with ``bn1``, ``act1``, ``conv1``,
+  ``bn2``, ``act2``, ``conv2`` and, where the shape changes, ``shortcut``), ``bn_out``,
+  ``act_out``, ``head``.
+
+  Attributes:
+    depth: ``6b + 2`` (8, 14, 20, 26, 32, 44, 56, 110, ...).
+    num_classes: classifier outputs.
+    act: activation name (see ``atac_jax.layers.available_activations``).
+    act_layers: 0..4, counted from the back: stage ``i`` (0, 1, 2) uses ``act`` iff
+      ``i + act_layers >= 4``, the head activation iff ``act_layers > 0``; the others are ReLU.
+      4 (default) means every activation.
+    reduction: reduction ``r`` for activations that take one (``None``: the unit's default).
+    act_options: further options for the activation (e.g. ``{"inner_relu": False}``).
+    in_channels: expected input channels, or ``None`` (default) for any.
+    momentum: BatchNorm momentum of the host network.
+    epsilon: BatchNorm epsilon of the host network.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
+    param_dtype: parameter dtype.
+  """
+  depth: int = 20
+  num_classes: int = 10
+  act: str = "relu"
+  act_layers: int = 4
+  reduction: int | None = None
+  act_options: Mapping[str, Any] = FrozenDict()
+  in_channels: int | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self) -> None:
+    check_depth(self.depth)
+    _common.check_int_range(self.act_layers, option="act_layers", model="CIFARResNetV2", low=0,
+                            high=MAX_ACT_LAYERS)
+    _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
+                               param_dtype=self.param_dtype, act_options=self.act_options)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Returns float32 logits ``(N, num_classes)`` for NHWC images ``x``."""
+    _common.check_input(x, model=f"cifar_resnet{self.depth}", in_channels=self.in_channels,
+                        min_size=4)
+    blocks = check_depth(self.depth)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_common.he_normal,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
+                             epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, act_options=self.act_options)
+    flags = tuple(stage_uses_act(i, self.act_layers) for i in range(len(WIDTHS)))
+    stage_acts = _common.placement_factories(chosen, flags)
+    (head_act,) = _common.placement_factories(chosen, (self.act_layers > 0,))
+
+    x = jnp.asarray(x, self.dtype)
+    x = norm(use_scale=False, use_bias=False, name="bn_in")(x)
+    x = conv(WIDTHS[0], (3, 3), name="conv_in")(x)
+    for i, (features, act) in enumerate(zip(WIDTHS, stage_acts)):
+      for j in range(blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlockV2(features, strides, conv=conv, norm=norm, act=act,
+                         name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+    x = head_act(name="act_out")(norm(name="bn_out")(x), train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="head")(x)
+    return jnp.asarray(x, jnp.float32)

@@ -1,0 +1,136 @@
+"""ATAC against an independent NumPy implementation of the published formula."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atac_jax.layers import ATAC
+
+MOMENTUM, EPS = 0.9, 1e-5
+
+
+def _randomize(variables, seed):
+  """Replaces every leaf by random values (positive for variances) so nothing is at init."""
+  rng = np.random.RandomState(seed)
+  def draw(path, leaf):
+    names = [getattr(p, "key", "") for p in path]
+    if names[-1] == "var":
+      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def _np_bn(h, p, s, train):
+  if train:
+    mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
+  else:
+    mean, var = s["mean"], s["var"]
+  out = (h - mean) / np.sqrt(var + EPS) * p["scale"] + p["bias"]
+  new = {"mean": MOMENTUM * s["mean"] + (1 - MOMENTUM) * h.mean(axis=(0, 1, 2)),
+         "var": MOMENTUM * s["var"] + (1 - MOMENTUM) * h.var(axis=(0, 1, 2))}
+  return out, new
+
+
+def _np_atac(x, variables, *, train, use_global=False, inner_relu=True):
+  p = jax.tree.map(np.asarray, variables["params"])
+  s = jax.tree.map(np.asarray, variables["batch_stats"])
+  h = x.mean(axis=(1, 2), keepdims=True) if use_global else x
+  h = h @ p["conv_down"]["kernel"][0, 0] + p["conv_down"].get("bias", 0.0)
+  h, new_down = _np_bn(h, p["bn_down"], s["bn_down"], train)
+  if inner_relu:
+    h = np.maximum(h, 0)
+  h = h @ p["conv_up"]["kernel"][0, 0] + p["conv_up"].get("bias", 0.0)
+  h, new_up = _np_bn(h, p["bn_up"], s["bn_up"], train)
+  return x / (1 + np.exp(-h)), {"bn_down": new_down, "bn_up": new_up}
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("use_global", [False, True])
+@pytest.mark.parametrize("inner_relu,use_bias", [(True, False), (False, True)])
+def test_matches_numpy_formula(train, use_global, inner_relu, use_bias):
+  x = np.random.RandomState(0).normal(size=(4, 5, 6, 8)).astype(np.float32)
+  unit = ATAC(reduction=2, use_global=use_global, inner_relu=inner_relu, use_bias=use_bias)
+  variables = _randomize(unit.init(jax.random.key(0), x, train=False), seed=1)
+  y, updates = unit.apply(variables, x, train=train, mutable=["batch_stats"])
+  expected, expected_stats = _np_atac(x, variables, train=train, use_global=use_global,
+                                      inner_relu=inner_relu)
+  chex.assert_shape(y, x.shape)
+  chex.assert_type(y, jnp.float32)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  if train:
+    chex.assert_trees_all_close(updates["batch_stats"], expected_stats, rtol=1e-5, atol=1e-6)
+  else:
+    chex.assert_trees_all_close(updates["batch_stats"], variables["batch_stats"])
+
+
+def test_global_gate_is_one_value_per_channel():
+  """use_global gives an SE-style gate: y / x is constant over H and W for each (n, c)."""
+  x = np.random.RandomState(2).uniform(0.5, 2.0, size=(3, 4, 4, 6)).astype(np.float32)
+  unit = ATAC(reduction=3, use_global=True)
+  variables = _randomize(unit.init(jax.random.key(0), x, train=False), seed=3)
+  gate = np.asarray(unit.apply(variables, x, train=False)) / x
+  np.testing.assert_allclose(gate, np.broadcast_to(gate[:, :1, :1, :], gate.shape), rtol=1e-5)
+  assert np.all((gate > 0) & (gate < 1))
+
+
+@pytest.mark.parametrize("channels,reduction", [(16, 2), (64, 4), (32, 1), (6, 3), (1, 2)])
+def test_parameter_count(channels, reduction):
+  unit = ATAC(reduction=reduction)
+  variables = jax.eval_shape(functools.partial(unit.init, train=False), jax.random.key(0),
+                             jnp.zeros((1, 4, 4, channels)))
+  hidden = max(channels // reduction, 1)
+  trainable = sum(np.prod(v.shape) for v in jax.tree.leaves(variables["params"]))
+  stats = sum(np.prod(v.shape) for v in jax.tree.leaves(variables["batch_stats"]))
+  assert trainable == 2 * channels * hidden + 2 * hidden + 2 * channels
+  if channels % reduction == 0:
+    assert trainable == 2 * channels**2 / reduction + 2 * channels / reduction + 2 * channels
+  assert stats == 2 * hidden + 2 * channels
+  chex.assert_shape(variables["params"]["conv_down"]["kernel"], (1, 1, channels, hidden))
+  chex.assert_shape(variables["params"]["conv_up"]["kernel"], (1, 1, hidden, channels))
+
+
+def test_bfloat16_compute_with_float32_params():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  unit = ATAC(dtype=jnp.bfloat16)
+  variables = unit.init(jax.random.key(1), x, train=False)
+  y, _ = unit.apply(variables, x, train=True, mutable=["batch_stats"])
+  chex.assert_type(y, jnp.bfloat16)
+  chex.assert_tree_all_finite(y)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  reference = unit.clone(dtype=None).apply(variables, x, train=False)
+  np.testing.assert_allclose(np.asarray(unit.apply(variables, x, train=False), np.float32),
+                             reference, atol=0.05)
+
+
+def test_jit_grad_vmap():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  unit = ATAC()
+  variables = unit.init(jax.random.key(1), x, train=False)
+
+  def loss(params, x):
+    y, _ = unit.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                      train=True, mutable=["batch_stats"])
+    return jnp.sum(y**2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"], x)
+  chex.assert_trees_all_equal_shapes(grads, variables["params"])
+  chex.assert_tree_all_finite(grads)
+  per_example = jax.vmap(lambda xi: unit.apply(variables, xi[None], train=False)[0])(x)
+  np.testing.assert_allclose(per_example, unit.apply(variables, x, train=False), rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,shape,match", [
+    ({}, (4, 4, 8), "rank-4"),
+    ({"reduction": 3}, (1, 4, 4, 8), "do not fit reduction=3"),
+    ({"reduction": 0}, (1, 4, 4, 8), "reduction must be an integer >= 1"),
+    ({"momentum": 1.5}, (1, 4, 4, 8), r"momentum must be in \[0, 1\)"),
+    ({"epsilon": 0.0}, (1, 4, 4, 8), "epsilon must be a number > 0"),
+])
+def test_bad_input(kwargs, shape, match):
+  with pytest.raises(ValueError, match=match):
+    ATAC(**kwargs).init(jax.random.key(0), jnp.zeros(shape), train=False)
