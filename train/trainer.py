@@ -1,0 +1,281 @@
+"""The training loop: one jitted, sharded step over a ``data`` mesh; eval; checkpoints; logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from atac_jax import models
+from train import checkpointing, data, optim, parallel, steps
+from train.metrics import MetricWriter, Progress, Throughput
+from train.state import TrainState, create_train_state
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the training loss becomes NaN or infinite; no checkpoint is written after it."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config before the loop starts."""
+  info: Any
+  model: Any
+  mesh: Any
+  steps_per_epoch: int
+  total_steps: int
+  learning_rate_fn: Any
+  abstract_state: Any
+  state_sharding: Any
+  batch_sharding: Any
+  init_fn: Any
+
+
+def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
+  """The linen model of ``config.model`` (bf16 compute when ``half_precision``)."""
+  options = dict(config.model.options)
+  if config.half_precision:
+    options["dtype"] = jnp.bfloat16
+  return models.create(config.model.name, num_classes=num_classes, act=config.model.act,
+                       **options)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates the config against the devices and the data, and builds model, optimizer, mesh."""
+  info = data.get_info(config.dataset)
+  parallel.check_batch_size(config.global_batch_size)
+  parallel.check_batch_size(config.eval_batch_size or config.global_batch_size,
+                            what="eval_batch_size")
+  steps_per_epoch = info.num_train // config.global_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"global_batch_size={config.global_batch_size} is larger than the "
+                     f"{info.num_train} training examples of {config.dataset.name!r}.")
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  model = build_model(config, num_classes=info.num_classes)
+  learning_rate_fn = optim.create_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
+                                           num_epochs=config.num_epochs)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
+  mesh = parallel.create_mesh()
+  init_fn = functools.partial(create_train_state, model=model, tx=tx,
+                              image_shape=tuple(info.image_shape))
+  abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  replicated = parallel.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  return Setup(info=info, model=model, mesh=mesh, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, learning_rate_fn=learning_rate_fn,
+               abstract_state=abstract_state, state_sharding=state_sharding,
+               batch_sharding=parallel.data_sharded(mesh), init_fn=init_fn)
+
+
+def compile_steps(config: ml_collections.ConfigDict, s: Setup):
+  """The jitted train step (state donated) and eval step, with explicit shardings."""
+  replicated = parallel.replicated(s.mesh)
+  train_fn = functools.partial(
+      steps.train_step, base_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+      num_classes=s.info.num_classes, learning_rate_fn=s.learning_rate_fn,
+      label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha)
+  train_step = jax.jit(train_fn, in_shardings=(s.state_sharding, s.batch_sharding),
+                       out_shardings=(s.state_sharding, replicated), donate_argnums=0)
+  return train_step, compile_eval_step(s)
+
+
+def compile_eval_step(s: Setup):
+  """The jitted eval step over ``({'params', 'batch_stats'}, batch)``."""
+  replicated = parallel.replicated(s.mesh)
+  return jax.jit(functools.partial(steps.eval_step, apply_fn=s.model.apply,
+                                   num_classes=s.info.num_classes),
+                 in_shardings=(replicated, s.batch_sharding), out_shardings=replicated)
+
+
+def eval_variables(state: TrainState) -> dict:
+  """The variables a forward pass needs."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate(eval_step, variables: dict, config: ml_collections.ConfigDict, s: Setup, *,
+             split: str | None = None) -> dict[str, float]:
+  """Full-split evaluation: every example counted exactly once (padded rows are masked)."""
+  sums = None
+  for local in data.create_eval_iterable(
+      config.dataset, split=split, global_batch_size=config.eval_batch_size or
+      config.global_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    sums = steps.accumulate(sums, eval_step(variables,
+                                            parallel.global_batch(local, s.batch_sharding)))
+  return steps.summarize_eval(jax.device_get(sums))
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (agreed across processes)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("Signal %d received: saving a checkpoint at the next step boundary.", signum)
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _TrainAccumulator:
+  """Device-side sums of per-step train metrics between two log points."""
+
+  def __init__(self):
+    self.sums, self.last, self.steps = None, None, 0
+
+  def add(self, metrics: dict) -> None:
+    self.sums = steps.accumulate(self.sums, {"loss": metrics["loss"],
+                                             "accuracy": metrics["accuracy"]})
+    self.last = metrics
+    self.steps += 1
+
+  def flush(self, end_step: int) -> dict[str, float]:
+    sums, last = jax.device_get((self.sums, self.last))
+    n = self.steps
+    self.sums, self.steps = None, 0
+    loss = float(sums["loss"]) / n
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"Non-finite training loss (mean {loss}) in the {n} steps ending at step {end_step}; "
+          "stopping. The last good checkpoint is kept; lower the learning rate or enable "
+          "gradient clipping (--config.optimizer.grad_clip_norm).")
+    return {"train/loss": loss, "train/accuracy": float(sums["accuracy"]) / n,
+            "train/learning_rate": float(last["learning_rate"]),
+            "train/grad_norm": float(last["grad_norm"])}
+
+
+def resolved_config(config: ml_collections.ConfigDict, s: Setup) -> dict:
+  """The config as a dict, plus what was derived from the data (needed to rebuild the model)."""
+  resolved = json.loads(config.to_json_best_effort())
+  resolved["model"]["num_classes"] = s.info.num_classes
+  resolved["dataset"]["image_shape"] = list(s.info.image_shape)
+  return resolved
+
+
+def _write_config(workdir: str, resolved: dict) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the latest good checkpoint in ``workdir``) and evaluates.
+
+  Returns:
+    The final record: the last train and eval metrics, ``step``, ``epoch``, and ``preempted``.
+  """
+  s = setup(config)
+  is_lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = resolved_config(config, s)
+  if is_lead:
+    _write_config(workdir, config_dict)
+
+  train_iter = data.create_train_iterator(
+      config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                    keep_every_steps=config.keep_every_epochs * s.steps_per_epoch)
+  abstract = checkpointing.abstract_with_sharding(s.abstract_state,
+                                                  lambda _: parallel.replicated(s.mesh))
+  restored = ckpt.restore(abstract, data_iterator=train_iter)
+  if restored is not None:
+    start_step, state = restored
+    logging.warning("Resumed from step %d in %s", start_step, ckpt.directory)
+  else:
+    start_step = 0
+    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+    state = _maybe_init_from(config, state, s)
+  train_step, eval_step = compile_steps(config, s)
+
+  writer = MetricWriter(workdir, enabled=is_lead)
+  progress = Progress(total=s.total_steps, initial=start_step,
+                      enabled=is_lead and config.progress_bar)
+  preemption = _Preemption()
+  acc, throughput = _TrainAccumulator(), Throughput()
+  images_since_log = 0
+  ckpt_every = config.checkpoint_every_steps or s.steps_per_epoch
+  step, record, preempted = start_step, {}, False
+  try:
+    while step < s.total_steps:
+      batch = parallel.global_batch(next(train_iter), s.batch_sharding)
+      state, metrics = train_step(state, batch)
+      step += 1
+      acc.add(metrics)
+      images_since_log += config.global_batch_size
+      epoch_end = step % s.steps_per_epoch == 0
+      last = step == s.total_steps
+      preempted = preemption.should_stop() and not last
+      save = last or step % ckpt_every == 0 or preempted
+      if step % config.log_every_steps == 0 or epoch_end or save:
+        record = acc.flush(step)
+        record["train/images_per_second"] = throughput.measure(images_since_log)
+        images_since_log = 0
+        writer.write(step, step / s.steps_per_epoch, record)
+        progress.update(0, loss=record["train/loss"], acc=record["train/accuracy"],
+                        img_s=record["train/images_per_second"])
+      progress.update(1)
+      ckpt_metrics = None
+      epoch = step // s.steps_per_epoch
+      if last or (epoch_end and epoch % config.eval_every_epochs == 0):
+        eval_record = evaluate(eval_step, eval_variables(state), config, s)
+        writer.write(step, step / s.steps_per_epoch, eval_record)
+        writer.plot()
+        record.update(eval_record)
+        ckpt_metrics = {checkpointing.BEST_METRIC: eval_record["eval/accuracy"]}
+        throughput.measure(0)  # do not count eval time as training time
+      if save:
+        ckpt.save(step, state=state, data_iterator=train_iter, config=config_dict,
+                  metrics=ckpt_metrics)
+      if preempted:
+        logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
+                        "resume.", step)
+        break
+  finally:
+    ckpt.close()
+    progress.close()
+    writer.close()
+    preemption.restore()
+  return {"step": step, "epoch": step / s.steps_per_epoch, "preempted": preempted, **record}
+
+
+def _maybe_init_from(config: ml_collections.ConfigDict, state: TrainState, s: Setup) -> TrainState:
+  """Fine-tuning: copies matching parameters from ``config.init_from`` (head re-initialised)."""
+  source = config.get("init_from", "")
+  if not source:
+    return state
+  from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _, variables, _ = checkpoint.load(source)
+  params = checkpoint.merge_matching(state.params, variables["params"])
+  batch_stats = checkpoint.merge_matching(state.batch_stats, variables.get("batch_stats", {}))
+  state = state.replace(params=params, batch_stats=batch_stats,
+                        opt_state=state.tx.init(params))
+  return jax.device_put(state, s.state_sharding)
