@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -46,9 +46,10 @@ def maybe_initialize_distributed(*, coordinator_address: str = "", num_processes
   return True
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process, axis ``data``."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh, axis ``data``, over ``devices`` (default: every device of every process)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -61,9 +62,10 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, *, what: str = "global_batch_size") -> None:
-  """Raises ValueError unless the batch divides evenly over devices and processes."""
-  devices, processes = jax.device_count(), jax.process_count()
+def check_batch_size(global_batch_size: int, *, num_devices: int | None = None,
+                     what: str = "global_batch_size") -> None:
+  """Raises ValueError unless the batch divides evenly over the devices and processes."""
+  devices, processes = num_devices or jax.device_count(), jax.process_count()
   if global_batch_size <= 0 or global_batch_size % devices or global_batch_size % processes:
     raise ValueError(
         f"{what}={global_batch_size} must be a positive multiple of the device count "

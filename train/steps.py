@@ -53,7 +53,7 @@ def train_step(state: TrainState, batch: Batch, *, base_rng: jax.Array, num_clas
   new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   metrics = {"loss": loss, "accuracy": accuracy, "learning_rate": learning_rate_fn(state.step),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree_utils.tree_norm(grads)}
   return new_state, metrics
 
 

@@ -51,12 +51,18 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
                        **options)
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates the config against the devices and the data, and builds model, optimizer, mesh."""
-  info = data.get_info(config.dataset)
-  parallel.check_batch_size(config.global_batch_size)
+def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None) -> Setup:
+  """Validates the config against the devices and the data, and builds model, optimizer, mesh.
+
+  Args:
+    config: the training config.
+    devices: devices of the ``data`` mesh (default: all devices of all processes).
+  """
+  mesh = parallel.create_mesh(devices)
+  parallel.check_batch_size(config.global_batch_size, num_devices=mesh.size)
   parallel.check_batch_size(config.eval_batch_size or config.global_batch_size,
-                            what="eval_batch_size")
+                            num_devices=mesh.size, what="eval_batch_size")
+  info = data.get_info(config.dataset)
   steps_per_epoch = info.num_train // config.global_batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"global_batch_size={config.global_batch_size} is larger than the "
@@ -66,7 +72,6 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   learning_rate_fn = optim.create_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                            num_epochs=config.num_epochs)
   tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  mesh = parallel.create_mesh()
   init_fn = functools.partial(create_train_state, model=model, tx=tx,
                               image_shape=tuple(info.image_shape))
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
@@ -186,13 +191,19 @@ def _write_config(workdir: str, resolved: dict) -> None:
   os.replace(tmp, path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: list[Any] | None = None) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in ``workdir``) and evaluates.
+
+  Args:
+    config: the training config.
+    workdir: output directory (see the workdir contract in the README).
+    devices: devices of the ``data`` mesh (default: all).
 
   Returns:
     The final record: the last train and eval metrics, ``step``, ``epoch``, and ``preempted``.
   """
-  s = setup(config)
+  s = setup(config, devices=devices)
   is_lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   config_dict = resolved_config(config, s)

@@ -1,0 +1,82 @@
+"""The atac-train CLI: config overrides, clear errors, and two processes over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli_env(num_devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _train_command(workdir, *extra):
+  return [sys.executable, "-m", "train.main", "--config", os.path.join(REPO, "configs",
+                                                                         "quickstart.py"),
+          "--workdir", str(workdir), "--config.model.name=cifar_resnet8",
+          "--config.global_batch_size=32", "--config.num_epochs=1",
+          "--config.log_every_steps=5", "--config.progress_bar=False", *extra]
+
+
+def test_misspelt_override_fails_with_valid_keys(tmp_path):
+  result = subprocess.run(_train_command(tmp_path, "--config.modle.act=relu"), cwd=REPO,
+                          env=_cli_env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "modle" in result.stderr and "model" in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_bad_batch_size_is_a_clear_error(tmp_path):
+  result = subprocess.run(_train_command(tmp_path, "--config.global_batch_size=30"), cwd=REPO,
+                          env=_cli_env(4), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "global_batch_size=30 must be a positive multiple of the device count (4" in result.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  """2 processes x 2 CPU devices (gloo) train like 1 process x 4 devices."""
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  subprocess.run(_train_command(single), cwd=REPO, env=_cli_env(4), check=True, timeout=600,
+                 capture_output=True)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_command(multi, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}"), cwd=REPO, env=_cli_env(2), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  final = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs[:1]]
+  assert final[0]["step"] == 1437 // 32
+  single_records, multi_records = _records(single), _records(multi)
+  assert [r["step"] for r in multi_records] == [r["step"] for r in single_records]
+  for a, b in zip(single_records, multi_records):
+    for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
+                "eval/num_examples"):
+      if key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, err_msg=key)
+  assert final[0]["eval/num_examples"] == 360
+  # Only process 0 prints the result and writes the logs (one record per step, not two).
+  assert not any(line.startswith("{") for line in outputs[1][0].splitlines())
+  assert len(multi_records) == len(single_records)

@@ -1,0 +1,120 @@
+"""The training loop: sharding invariance, exact eval, bad input, and the quickstart end to end."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from train import data, parallel, trainer
+from train.trainer import NonFiniteLossError
+
+
+def _small_config(**overrides):
+  config = quickstart.get_config()
+  config.model.name = "cifar_resnet8"
+  config.global_batch_size = 32
+  config.progress_bar = False
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _run_steps(config, devices, num_steps):
+  s = trainer.setup(config, devices=devices)
+  state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+  train_step, _ = trainer.compile_steps(config, s)
+  iterator = data.create_train_iterator(config.dataset, global_batch_size=config.global_batch_size,
+                                        seed=config.seed)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = train_step(state, parallel.global_batch(next(iterator), s.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state)
+
+
+def test_eight_devices_match_one():
+  assert jax.device_count() == 8
+  config = _small_config()
+  losses_1, state_1 = _run_steps(config, jax.devices()[:1], 3)
+  losses_8, state_8 = _run_steps(config, jax.devices(), 3)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  chex.assert_trees_all_close(state_8.batch_stats, state_1.batch_stats, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(state_8.params, state_1.params, rtol=1e-4, atol=1e-5)
+  assert int(state_8.step) == 3
+
+
+def test_sharded_state_and_batch_layout():
+  config = _small_config()
+  s = trainer.setup(config)
+  state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(0))
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.sharding.is_fully_replicated
+  batch = parallel.global_batch({"image": np.zeros((32, 8, 8, 1), np.float32)}, s.batch_sharding)
+  assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert {shard.data.shape[0] for shard in batch["image"].addressable_shards} == {4}
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_eval_counts_every_example_once(num_devices):
+  """360 test digits with a batch of 48 (7.5 batches): padded rows never count."""
+  config = _small_config(eval_batch_size=48)
+  s = trainer.setup(config, devices=jax.devices()[:num_devices])
+  state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(3))
+  variables = trainer.eval_variables(state)
+  result = trainer.evaluate(trainer.compile_eval_step(s), variables, config, s)
+  assert result["eval/num_examples"] == 360
+  # Independent expectation: the whole split in one unsharded, unpadded forward pass.
+  full = next(iter(data.create_eval_iterable(config.dataset, global_batch_size=360)))
+  assert full["mask"].all()
+  logits = np.asarray(s.model.apply(jax.device_get(variables), full["image"], train=False))
+  np.testing.assert_allclose(result["eval/accuracy"], np.mean(logits.argmax(-1) == full["label"]))
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                 keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  np.testing.assert_allclose(result["eval/loss"],
+                             -np.mean(log_probs[np.arange(360), full["label"]]), rtol=1e-4)
+
+
+def test_batch_that_does_not_divide_over_devices():
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    trainer.setup(_small_config(global_batch_size=12))
+
+
+def test_batch_larger_than_dataset():
+  with pytest.raises(ValueError, match="larger than the 1437 training examples"):
+    trainer.setup(_small_config(global_batch_size=2048))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  trainer.train_and_evaluate(_small_config(num_epochs=1), workdir)
+  steps_before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(NonFiniteLossError, match="Non-finite training loss .* step"):
+    trainer.train_and_evaluate(_small_config(**{"num_epochs": 3, "schedule.learning_rate": 1e30,
+                                                "schedule.warmup_epochs": 0.0}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps_before
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_95_percent(tmp_path):
+  """The README's main job, in process: the full quickstart recipe on 8 fake devices."""
+  config = quickstart.get_config()
+  config.progress_bar = False
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["eval/accuracy"] >= 0.95
+  assert result["eval/num_examples"] == 360
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert all("step" in r and "epoch" in r for r in records)
+  assert records[-1]["eval/accuracy"] == result["eval/accuracy"]
+  assert {"config.json", "learning_curve.png", "checkpoints", "tensorboard"} <= set(
+      os.listdir(tmp_path))
