@@ -8,23 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import small_quickstart_config
 from configs import quickstart
 from train import data, parallel, trainer
 from train.trainer import NonFiniteLossError
 
 
 def _small_config(**overrides):
-  config = quickstart.get_config()
-  config.model.name = "cifar_resnet8"
-  config.global_batch_size = 32
-  config.progress_bar = False
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return small_quickstart_config(**overrides)
 
 
 def _run_steps(config, devices, num_steps):

@@ -16,16 +16,24 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval split).")
 
 
-def evaluate_checkpoint(path: str, *, step: int | None = None,
-                        split: str | None = None) -> dict[str, Any]:
-  """Evaluates the checkpoint at ``path`` on every example of ``split``, on this topology."""
+def evaluate_checkpoint(path: str, *, step: int | None = None, split: str | None = None,
+                        devices: list[Any] | None = None) -> dict[str, Any]:
+  """Evaluates the checkpoint at ``path`` on every example of ``split``.
+
+  Args:
+    path: workdir, checkpoints folder or step folder.
+    step: checkpoint step (default: the latest).
+    split: split name (default: the config's eval split).
+    devices: devices to evaluate on (default: all); any count works, whatever wrote the
+      checkpoint.
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from train import parallel, trainer  # pylint: disable=g-import-not-at-top
 
   step_dir = checkpoint.resolve_step_dir(path, step=step)
   config = ml_collections.ConfigDict(checkpoint.read_config(step_dir))
-  s = trainer.setup(config)
+  s = trainer.setup(config, devices=devices)
   state = checkpoint.restore_state(step_dir, sharding=parallel.replicated(s.mesh))
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
   result = trainer.evaluate(trainer.compile_eval_step(s), variables, config, s, split=split)

@@ -121,6 +121,20 @@ def evaluate(eval_step, variables: dict, config: ml_collections.ConfigDict, s: S
   return steps.summarize_eval(jax.device_get(sums))
 
 
+def arelu_scalars(params: Any) -> dict[str, float]:
+  """AReLU's learned ``alpha`` and ``beta`` per layer as ``arelu/<module path>/{alpha,beta}``.
+
+  Raw parameter values (the negative slope is ``clip(alpha, 0.01, 0.99)``, the positive slope
+  ``1 + sigmoid(beta)``). Empty for models without AReLU.
+  """
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(p, "key", p)) for p in path]
+    if names[-1] in ("alpha", "beta") and leaf.shape == (1,):
+      found["arelu/" + "/".join(names)] = leaf
+  return {name: float(np.asarray(value)[0]) for name, value in jax.device_get(found).items()}
+
+
 class _Preemption:
   """Turns SIGTERM/SIGINT into a flag checked at step boundaries (agreed across processes)."""
 
@@ -224,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     start_step = 0
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
-    state = _maybe_init_from(config, state, s)
+    state = init_from_checkpoint(config, state, s)
   train_step, eval_step = compile_steps(config, s)
 
   writer = MetricWriter(workdir, enabled=is_lead)
@@ -249,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.log_every_steps == 0 or epoch_end or save:
         record = acc.flush(step)
         record["train/images_per_second"] = throughput.measure(images_since_log)
+        record.update(arelu_scalars(state.params))
         images_since_log = 0
         writer.write(step, step / s.steps_per_epoch, record)
         progress.update(0, loss=record["train/loss"], acc=record["train/accuracy"],
@@ -278,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return {"step": step, "epoch": step / s.steps_per_epoch, "preempted": preempted, **record}
 
 
-def _maybe_init_from(config: ml_collections.ConfigDict, state: TrainState, s: Setup) -> TrainState:
+def init_from_checkpoint(config: ml_collections.ConfigDict, state: TrainState, s: Setup
+                         ) -> TrainState:
   """Fine-tuning: copies matching parameters from ``config.init_from`` (head re-initialised)."""
   source = config.get("init_from", "")
   if not source:
