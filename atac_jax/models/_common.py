@@ -22,8 +22,11 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def freeze_options(options: Mapping[str, Any] | None) -> FrozenDict:
-  """Returns ``options`` as a hashable ``FrozenDict`` (linen modules must be hashable)."""
-  return FrozenDict(options or {})
+  """Returns ``options`` (any mapping, e.g. a ``ConfigDict``) as a hashable ``FrozenDict``.
+
+  Linen modules must be hashable, so mapping-valued model options are frozen.
+  """
+  return FrozenDict({key: options[key] for key in options} if options else {})
 
 
 def activation_factory(act: str, *, reduction: int | None, dtype: Any, param_dtype: Any,

@@ -46,7 +46,7 @@ class BasicBlockV2(nn.Module):
   Attributes:
     features: output channels.
     strides: stride of the first convolution (and of the projection shortcut).
-    conv: convolution factory (no bias).
+    conv: convolution factory (no bias, padding 1).
     norm: BatchNorm factory (training mode already bound).
     act: activation factory ``act(name=...)``.
   """
@@ -61,14 +61,15 @@ class BasicBlockV2(nn.Module):
     residual = x
     y = self.act(name="act1")(self.norm(name="bn1")(x), train=train)
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = self.conv(self.features, (1, 1), strides=self.strides, name="shortcut")(x)
+      residual = self.conv(self.features, (1, 1), strides=self.strides, padding="VALID",
+                           name="shortcut")(x)
     y = self.conv(self.features, (3, 3), strides=self.strides, name="conv1")(y)
     y = self.act(name="act2")(self.norm(name="bn2")(y), train=train)
     y = self.conv(self.features, (3, 3), name="conv2")(y)
     return y + residual
 
 
-class CIFARResNetV2(nn.Module):
+class CIFARResNetV2(nn.Module, kw_only=True):
   """Pre-activation ResNet-v2 of depth ``6b + 2`` on NHWC images (any size >= 4x4).
 
   Submodules: ``bn_in``, ``conv_in``, ``stage{1,2,3}_block{j}`` (with ``bn1``, ``act1``, ``conv1``,
@@ -116,8 +117,10 @@ class CIFARResNetV2(nn.Module):
     _common.check_input(x, model=f"cifar_resnet{self.depth}", in_channels=self.in_channels,
                         min_size=4)
     blocks = check_depth(self.depth)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_common.he_normal,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+    # Padding 1 on both sides, as the reference (XLA's 'SAME' pads (0, 1) at stride 2).
+    conv = functools.partial(nn.Conv, use_bias=False, padding=((1, 1), (1, 1)),
+                             kernel_init=_common.he_normal, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
                              epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
