@@ -134,3 +134,116 @@ def test_jit_grad_vmap():
 def test_bad_input(kwargs, shape, match):
   with pytest.raises(ValueError, match=match):
     ATAC(**kwargs).init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+# --- memory-lean gradient (ATAC(memory_lean=True), the default) against the plain autodiff path ---
+
+def _lean_and_plain(**kwargs):
+  lean = ATAC(memory_lean=True, **kwargs)
+  return lean, lean.clone(memory_lean=False)
+
+
+def _loss_and_grads(unit, variables, x, *, train):
+  def loss(params, stats, x):
+    y, updates = unit.apply({"params": params, "batch_stats": stats}, x, train=train,
+                            mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(3.0 * y) * jnp.cos(y)), updates
+  (value, updates), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      variables["params"], variables["batch_stats"], x)
+  return value, updates["batch_stats"], grads
+
+
+def _assert_close_to_scale(got, want, rtol=1e-4):
+  """``|got - want| <= rtol * max|want|`` over a whole gradient tree.
+
+  Leaves whose exact value is 0 (e.g. the bias before a training-mode BatchNorm) hold only
+  float32 rounding noise, so the tolerance is relative to the tree's scale, not the leaf's.
+  """
+  scale = max((float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want)), default=0.0)
+  chex.assert_trees_all_close(got, want, rtol=rtol, atol=rtol * scale + 1e-7)
+
+
+def test_memory_lean_is_the_default_and_creates_the_same_variables():
+  assert ATAC().memory_lean
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+  for kwargs in ({}, {"use_bias": True, "reduction": 4, "inner_relu": False}):
+    lean, plain = _lean_and_plain(**kwargs)
+    init = lambda unit: jax.jit(functools.partial(unit.init, train=False))(jax.random.key(3), x)
+    chex.assert_trees_all_equal(init(lean), init(plain))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("inner_relu,use_bias,reduction", [(True, False, 2), (False, True, 4),
+                                                          (True, True, 1)])
+def test_memory_lean_gradients_equal_plain(train, inner_relu, use_bias, reduction):
+  """Loss, parameter, input and running-statistic gradients, and batch_stats updates."""
+  x = np.random.RandomState(4).normal(1.0, 2.0, size=(4, 5, 6, 8)).astype(np.float32)
+  lean, plain = _lean_and_plain(inner_relu=inner_relu, use_bias=use_bias, reduction=reduction)
+  variables = _randomize(plain.init(jax.random.key(0), x, train=False), seed=5)
+  value, stats, grads = _loss_and_grads(lean, variables, x, train=train)
+  expected_value, expected_stats, expected_grads = _loss_and_grads(plain, variables, x,
+                                                                   train=train)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  chex.assert_trees_all_close(stats, expected_stats, rtol=1e-5, atol=1e-6)
+  for got, want in zip(grads, expected_grads):  # parameters, running statistics, input
+    _assert_close_to_scale(got, want)
+  if train:  # the running statistics do not influence the training-mode output
+    chex.assert_trees_all_equal(grads[1], jax.tree.map(jnp.zeros_like, grads[1]))
+
+
+def test_memory_lean_differentiates_the_returned_statistics():
+  """Cotangents flowing into the updated batch_stats reach the input and the parameters."""
+  x = jax.random.normal(jax.random.key(1), (4, 6, 6, 8))
+  lean, plain = _lean_and_plain()
+  variables = _randomize(plain.init(jax.random.key(0), x, train=False), seed=6)
+
+  def loss(unit, params, x):
+    y, updates = unit.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])
+    s = updates["batch_stats"]
+    return (jnp.sum(y) + jnp.sum(3.0 * s["bn_up"]["mean"]) + jnp.sum(s["bn_up"]["var"] ** 2)
+            + jnp.sum(s["bn_down"]["mean"] * s["bn_down"]["var"]))
+
+  grads = [jax.jit(jax.grad(functools.partial(loss, unit), argnums=(0, 1)))(variables["params"], x)
+           for unit in (lean, plain)]
+  for got, want in zip(*grads):
+    _assert_close_to_scale(got, want)
+
+
+def test_memory_lean_bfloat16_close_to_plain():
+  x = jax.random.normal(jax.random.key(2), (4, 4, 4, 16))
+  lean, plain = _lean_and_plain(dtype=jnp.bfloat16)
+  variables = plain.init(jax.random.key(0), x, train=False)
+  value, stats, grads = _loss_and_grads(lean, variables, x, train=True)
+  expected_value, expected_stats, expected_grads = _loss_and_grads(plain, variables, x, train=True)
+  chex.assert_trees_all_equal_dtypes(grads, expected_grads)
+  np.testing.assert_allclose(value, expected_value, rtol=0.02)
+  chex.assert_trees_all_close(stats, expected_stats, rtol=0.02, atol=0.02)
+  for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(expected_grads[0])):
+    scale = float(jnp.max(jnp.abs(want))) + 1e-6
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 0.03 * scale
+
+
+def test_memory_lean_model_train_step_equals_plain():
+  """A CIFAR ResNet (ATAC in its last stage and head): loss, gradients, BatchNorm updates."""
+  from atac_jax import models  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  labels = jnp.array([0, 1, 2, 3])
+  create = lambda lean: models.create("cifar_resnet8", num_classes=10, act="atac", act_layers=2,
+                                      act_options={"memory_lean": lean})
+  variables = jax.jit(functools.partial(create(True).init, train=False))(jax.random.key(1), x)
+  results = []
+  for lean in (True, False):
+    model = create(lean)
+
+    def loss(params, model=model):
+      logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    x, train=True, mutable=["batch_stats"])
+      onehot = jax.nn.one_hot(labels, 10)
+      return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), updates
+    results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"]))
+  (loss, updates), grads = results[0]
+  (expected_loss, expected_updates), expected_grads = results[1]
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  chex.assert_trees_all_close(updates, expected_updates, rtol=1e-4, atol=1e-5)
+  _assert_close_to_scale(grads, expected_grads)

@@ -3,14 +3,29 @@
 ``ATAC(x) = x * sigmoid(BN(PWConv_up(relu(BN(PWConv_down(x))))))`` -- a local channel-attention gate
 computed point-wise at every pixel, used in place of ReLU. With ``use_global=True`` the input is
 global-average-pooled first, which turns the unit into an SE-like channel gate that keeps its BNs.
+
+Memory-lean gradient (``memory_lean=True``, the default for the point-wise gate): the unit is one
+``jax.custom_vjp`` whose backward pass keeps only the unit's input, its parameters and the per-channel
+batch statistics, and recomputes the bottleneck (two point-wise matmuls and the gate) from the
+input. Plain autodiff keeps about four activation-sized intermediates per unit (the bottleneck
+output, its normalised form, the gate, ...), so a network of ATAC units needs ~2.7x the scratch
+memory of its ReLU twin; the lean unit needs about what ReLU needs. The hand-written backward pass
+is the exact BatchNorm/sigmoid chain rule (batch statistics included, also for gradients flowing
+into the returned running statistics), so gradients and ``batch_stats`` updates equal the plain
+path's to float rounding; it also avoids the transposed copies XLA's CPU backend inserts for the
+autodiff weight gradients, so it is faster as well (see the README, Performance).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from atac_jax.layers import _checks
 from atac_jax.layers.pointwise import PointwiseConv
@@ -36,6 +51,11 @@ class ATAC(nn.Module):
     epsilon: BatchNorm epsilon (reference: 1e-5).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` infers it from the input.
     param_dtype: parameter dtype.
+    memory_lean: compute the point-wise gate as one custom-gradient op that recomputes the
+      bottleneck in the backward pass instead of storing it (same variables, same values, same
+      gradients; less memory and time). ``False`` composes ``PointwiseConv`` and
+      ``nn.BatchNorm`` submodules and lets JAX differentiate them. ``use_global`` units (whose
+      gate is one value per channel, so there is nothing to save) always take the plain path.
   """
   reduction: int = 2
   use_global: bool = False
@@ -45,6 +65,7 @@ class ATAC(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  memory_lean: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -56,6 +77,8 @@ class ATAC(nn.Module):
     hidden = _checks.bottleneck_width(channels, self.reduction, layer="ATAC")
     if self.dtype is not None:
       x = jnp.asarray(x, self.dtype)
+    if self.memory_lean and not self.use_global:
+      return self._lean(x, hidden, train=train)
 
     def batch_norm(name: str) -> nn.BatchNorm:
       return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
@@ -72,3 +95,275 @@ class ATAC(nn.Module):
                       param_dtype=self.param_dtype, name="conv_up")(h)
     h = batch_norm("bn_up")(h)
     return x * nn.sigmoid(h).astype(x.dtype)
+
+  def _lean(self, x: jnp.ndarray, hidden: int, *, train: bool) -> jnp.ndarray:
+    """The point-wise gate through :func:`gate` (variables created exactly as the plain path)."""
+    channels = x.shape[-1]
+    compute_dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    cast = lambda *arrays: tuple(None if a is None else jnp.asarray(a, compute_dtype)
+                                 for a in arrays)
+    kd, bd = _PointwiseVars(hidden, self.use_bias, self.param_dtype, name="conv_down")(channels)
+    g1, b1, *running1 = _BatchNormVars(self.param_dtype, name="bn_down")(hidden)
+    ku, bu = _PointwiseVars(channels, self.use_bias, self.param_dtype, name="conv_up")(hidden)
+    g2, b2, *running2 = _BatchNormVars(self.param_dtype, name="bn_up")(channels)
+    params = (*cast(kd, bd), g1, b1, *cast(ku, bu), g2, b2)
+    running = (*running1, *running2)
+    if not train:
+      return gate(x, params, tuple(v.value for v in running), epsilon=self.epsilon,
+                  inner_relu=self.inner_relu)
+    y, batch = gate(x, params, None, epsilon=self.epsilon, inner_relu=self.inner_relu)
+    if not self.is_initializing():
+      for variable, value in zip(running, batch):
+        variable.value = self.momentum * variable.value + (1 - self.momentum) * value
+    return y
+
+
+class _PointwiseVars(nn.Module):
+  """The ``kernel`` (and ``bias``) of a :class:`PointwiseConv`, same shapes and initialisers."""
+  features: int
+  use_bias: bool
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    defaults = PointwiseConv(self.features)
+    kernel = self.param("kernel", defaults.kernel_init, (1, 1, in_features, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", defaults.bias_init, (self.features,), self.param_dtype) \
+        if self.use_bias else None
+    return kernel[0, 0], bias
+
+
+class _BatchNormVars(nn.Module):
+  """The variables of an ``nn.BatchNorm`` over ``features`` channels, created in its order.
+
+  Returns ``(scale, bias, mean, var)``: the parameters' values and the running-statistics
+  variables.
+  """
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, features: int):
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    return scale, bias, mean, var
+
+
+def gate(x: jnp.ndarray, params: tuple, stats: tuple | None, *, epsilon: float,
+         inner_relu: bool):
+  """The ATAC gate ``x * sigmoid(BN(relu(BN(x @ Wd + bd)) @ Wu + bu))`` with a lean gradient.
+
+  Args:
+    x: ``(..., C)`` input.
+    params: ``(kernel_down (C, K), bias_down, scale_down, shift_down, kernel_up (K, C), bias_up,
+      scale_up, shift_up)``; the biases may be None. Kernels and biases in the compute dtype,
+      BatchNorm scales and shifts in the parameter dtype.
+    stats: ``(mean_down, var_down, mean_up, var_up)`` running statistics (inference), or None
+      to normalise with the batch statistics over all but the last axis (training).
+    epsilon: BatchNorm epsilon.
+    inner_relu: ReLU between the point-wise convolutions.
+
+  Returns:
+    With ``stats``: the gated ``x``. Without: ``(gated x, (mean_down, var_down, mean_up,
+    var_up))``, the float32 batch statistics (biased variance, as ``nn.BatchNorm``).
+  """
+  return _gate_op(float(epsilon), bool(inner_relu), stats is None)(
+      x, tuple(params), None if stats is None else tuple(stats))
+
+
+@functools.lru_cache(maxsize=None)
+def _gate_op(epsilon: float, inner_relu: bool, batch_stats: bool):
+  """The ``jax.custom_vjp`` gate ``op(x, params, stats)`` for one static configuration."""
+
+  def primal(x, params, stats):
+    y, batch, _ = _forward(x, params, stats, epsilon=epsilon, inner_relu=inner_relu)
+    return (y, batch) if batch_stats else y
+
+  def fwd(x, params, stats):
+    x, params, stats = jax.tree.map(lambda p: p.value, (x, params, stats))
+    y, batch, gram = _forward(x, params, stats, epsilon=epsilon, inner_relu=inner_relu)
+    # Residuals: the input (which the caller keeps anyway), the parameters, per-channel
+    # statistics and the (K, K) Gram matrix of the bottleneck; nothing else activation-sized.
+    residuals = (x, params, batch if batch_stats else stats, gram)
+    return ((y, batch) if batch_stats else y), residuals
+
+  def bwd(residuals, cotangent):
+    x, params, stats, gram = residuals
+    dy, dstats = cotangent if batch_stats else (cotangent, (None,) * 4)
+    dy = _live(dy)
+    dy = jnp.zeros_like(x) if dy is None else dy
+    # The recomputation must be neither merged with the forward pass (CSE) nor scheduled early:
+    # either would keep the bottleneck intermediates alive from the forward to the backward
+    # pass. An optimisation barrier (jax.checkpoint's way) is dropped by XLA:CPU before CSE and
+    # makes it copy the residuals, so the kernel is made to depend on the cotangent through an
+    # exact zero instead.
+    params = (params[0] + _opaque_zero(dy).astype(params[0].dtype), *params[1:])
+    dx, dparams, dstats_in = _backward(x, params, stats, gram, dy, tuple(map(_live, dstats)),
+                                       epsilon=epsilon, inner_relu=inner_relu,
+                                       batch_stats=batch_stats)
+    return dx, dparams, None if batch_stats else dstats_in
+
+  op = jax.custom_vjp(primal)
+  op.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op
+
+
+def _opaque_zero(a: jnp.ndarray) -> jnp.ndarray:
+  """A scalar 0 that depends on ``a`` in a way XLA cannot fold away (also for NaN/inf ``a``)."""
+  first = lax.stop_gradient(a.reshape(-1)[0]).astype(jnp.float32)
+  return jnp.where(jnp.isfinite(first), first * 0.0, 0.0)
+
+
+def _live(ct):
+  """``ct``, or None for a symbolic-zero cotangent."""
+  return None if ct is None or isinstance(ct, SymbolicZero) else ct
+
+
+def _f32(dtype) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tdot(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """``a^T b`` over all but the channel axis, accumulated and returned in at least float32."""
+  a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                         preferred_element_type=_f32(jnp.result_type(a, b)))
+
+
+def _colsum(a: jnp.ndarray) -> jnp.ndarray:
+  """Sum over all but the channel axis."""
+  return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
+
+
+def _dense(x, kernel, bias):
+  y = jnp.dot(x, kernel)
+  return y if bias is None else y + bias
+
+
+def _normalize(h, mean, var, scale, shift, epsilon, dtype):
+  """``(h - mean) * rsqrt(var + eps) * scale + shift`` in ``nn.BatchNorm``'s order of ops."""
+  mul = lax.rsqrt(var + epsilon) * scale
+  return (((h - mean) * mul) + shift).astype(dtype)
+
+
+def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
+  """The gate. Returns ``(y, batch statistics or None, gram)``.
+
+  Batch statistics are ``nn.BatchNorm``'s (mean, fast variance ``E[h^2] - E[h]^2`` clipped at
+  0), with the sums of squares taken as the diagonal of a Gram matrix (a matmul; XLA:CPU would
+  otherwise materialise the squares) and the up-projection's moments derived from the
+  bottleneck's Gram matrix ``gram = (sum(a), a^T a)`` instead of another pass over the
+  ``C``-wide output. With ``intermediates``, returns ``(h, p, a, u, z)`` instead (the
+  bottleneck's input, pre-activation and activation, the up-projection and the gate logits).
+  """
+  kd, bd, g1, b1, ku, bu, g2, b2 = params
+  dtype = kd.dtype
+  rows = x.size // x.shape[-1]
+  h = _dense(x.astype(dtype), kd, bd)
+  if stats is None:
+    m1 = _colsum(h.astype(_f32(dtype))) / rows
+    v1 = jnp.maximum(0.0, jnp.diagonal(_tdot(h, h)) / rows - jnp.square(m1))
+  else:
+    m1, v1 = stats[:2]
+  p = _normalize(h, m1, v1, g1, b1, epsilon, dtype)
+  a = jax.nn.relu(p) if inner_relu else p
+  u = _dense(a, ku, bu)
+  gram = None
+  if stats is None:
+    gram = (_colsum(a.astype(_f32(dtype))), _tdot(a, a))
+    mean_a = gram[0] / rows
+    cov_a = gram[1] / rows - jnp.outer(mean_a, mean_a)
+    ku32 = ku.astype(cov_a.dtype)
+    m2 = mean_a @ ku32 + (0.0 if bu is None else bu.astype(cov_a.dtype))
+    v2 = jnp.maximum(0.0, jnp.sum(ku32 * (cov_a @ ku32), axis=0))
+  else:
+    m2, v2 = stats[2:]
+  z = _normalize(u, m2, v2, g2, b2, epsilon, dtype)
+  if intermediates:
+    return h, p, a, u, z
+  s = jax.nn.sigmoid(z).astype(x.dtype)
+  y = x * s
+  return y, ((m1, v1, m2, v2) if stats is None else None), gram
+
+
+def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_stats):
+  """Cotangents ``(dx, dparams, dstats_in or None)``, recomputing the bottleneck from ``x``.
+
+  ``dstats`` are the cotangents of the returned batch statistics (None where zero). The
+  BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
+  up-projection's weight gradient), so the ``C``-wide gradient of the up-projection's output is
+  never materialised: ``da = dz (A2 * Wu)^T + a (Wu diag(c1) Wu^T) + r``.
+  """
+  kd, bd, g1, b1, ku, bu, g2, b2 = params
+  m1, v1, m2, v2 = stats
+  dmean1, dvar1, dmean2, dvar2 = dstats
+  dtype, f32 = kd.dtype, _f32(kd.dtype)
+  h, _, a, u, z = _forward(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
+                           intermediates=True)
+  rows = x.size // x.shape[-1]
+  cast = lambda v: None if v is None else v.astype(f32)
+  ku32, bu32 = cast(ku), cast(bu)
+  dy2 = dy.astype(f32)
+  z32 = z.astype(f32)
+  # The gate's derivative through tanh and dy * gate (below) through exp: the two share no
+  # transcendental, so XLA fuses each into its consumer instead of writing exp(-z) out.
+  s32 = (0.5 * jnp.tanh(0.5 * z32) + 0.5).astype(x.dtype).astype(f32)
+  dz = dy2 * x.astype(f32) * (s32 * (1 - s32))
+
+  # Up BatchNorm: z = (u - m2) * rs2 * g2 + b2, u = a @ Wu + bu.
+  rs2 = lax.rsqrt(v2 + epsilon)
+  a2 = rs2 * g2
+  shift_u = -m2 if bu is None else bu32 - m2  # uc = u - m2 = a @ Wu + shift_u
+  sum_dz = _colsum(dz)
+  g_adz = _tdot(a, dz)  # (K, C): a^T dz
+  sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
+  dg2, db2 = sum_dz_uc * rs2, sum_dz
+  if batch_stats:  # du = a2 * dz + c0 + c1 * uc
+    c0 = -a2 * sum_dz / rows + (0.0 if dmean2 is None else dmean2 / rows)
+    c1 = -a2 * rs2 * rs2 * sum_dz_uc / rows + (0.0 if dvar2 is None else 2.0 * dvar2 / rows)
+    sum_a, gram_a = gram
+    a_uc = gram_a @ ku32 + jnp.outer(sum_a, shift_u)  # a^T uc
+    dku = a2 * g_adz + jnp.outer(sum_a, c0) + c1 * a_uc
+    sum_uc = sum_a @ ku32 + rows * shift_u
+    dbu = None if bu is None else a2 * sum_dz + rows * c0 + c1 * sum_uc
+    da = (jnp.dot(dz, (a2 * ku32).T) + jnp.dot(a.astype(f32), (ku32 * c1) @ ku32.T)
+          + (c0 + c1 * shift_u) @ ku32.T)
+    dm2 = dv2 = None
+  else:  # du = a2 * dz
+    dku = a2 * g_adz
+    dbu = None if bu is None else a2 * sum_dz
+    da = jnp.dot(dz, (a2 * ku32).T)
+    dm2, dv2 = -a2 * sum_dz, -0.5 * g2 * rs2**3 * sum_dz_uc
+  if inner_relu:
+    da = jnp.where(a > 0, da, 0.0)  # a > 0 exactly where p > 0
+
+  # Down BatchNorm: p = (h - m1) * rs1 * g1 + b1.
+  rs1 = lax.rsqrt(v1 + epsilon)
+  a1 = rs1 * g1
+  sum_da = _colsum(da)
+  sum_da_hc = jnp.diagonal(_tdot(da, h)) - m1 * sum_da
+  dg1, db1 = sum_da_hc * rs1, sum_da
+  if batch_stats:
+    e0 = -a1 * sum_da / rows + (0.0 if dmean1 is None else dmean1 / rows)
+    e1 = -a1 * rs1 * rs1 * sum_da_hc / rows + (0.0 if dvar1 is None else 2.0 * dvar1 / rows)
+    dh = a1 * da + e0 + e1 * (h.astype(f32) - m1)
+    dm1 = dv1 = None
+  else:
+    dh = a1 * da
+    dm1, dv1 = -a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc
+  dh = dh.astype(dtype)
+  dbd = None if bd is None else _colsum(dh.astype(f32))
+  dkd = _tdot(x.astype(dtype), dh)
+  # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
+  # dx is written once instead of being re-derived (with everything it reads kept alive) inside
+  # each consumer, through the whole chain of units of a network.
+  gate_dy = dy2 / (1.0 + jnp.exp(-z32))
+  dx = (jnp.dot(dh, kd.T).astype(f32) + gate_dy).astype(x.dtype)
+  like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
+  dparams = (like(dkd, kd), like(dbd, bd), like(dg1, g1), like(db1, b1), like(dku, ku),
+             like(dbu, bu), like(dg2, g2), like(db2, b2))
+  if batch_stats:
+    return dx, dparams, None
+  return dx, dparams, tuple(like(d, m) for d, m in zip((dm1, dv1, dm2, dv2), stats))
