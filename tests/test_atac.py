@@ -166,10 +166,9 @@ def _assert_close_to_scale(got, want, rtol=1e-4):
 def test_memory_lean_is_the_default_and_creates_the_same_variables():
   assert ATAC().memory_lean
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
-  for kwargs in ({}, {"use_bias": True, "reduction": 4, "inner_relu": False}):
-    lean, plain = _lean_and_plain(**kwargs)
-    init = lambda unit: jax.jit(functools.partial(unit.init, train=False))(jax.random.key(3), x)
-    chex.assert_trees_all_equal(init(lean), init(plain))
+  lean, plain = _lean_and_plain(use_bias=True, reduction=4)
+  init = lambda unit: jax.jit(functools.partial(unit.init, train=False))(jax.random.key(3), x)
+  chex.assert_trees_all_equal(init(lean), init(plain))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -225,11 +224,12 @@ def test_memory_lean_bfloat16_close_to_plain():
 
 
 def test_memory_lean_model_train_step_equals_plain():
-  """A CIFAR ResNet (ATAC in its last stage and head): loss, gradients, BatchNorm updates."""
+  """A CIFAR ResNet (ATAC units in its last stage and head, between BatchNorms and convolutions):
+  loss, gradients and BatchNorm updates agree."""
   from atac_jax import models  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   labels = jnp.array([0, 1, 2, 3])
-  create = lambda lean: models.create("cifar_resnet8", num_classes=10, act="atac", act_layers=2,
+  create = lambda lean: models.create("cifar_resnet8", num_classes=10, act="atac", act_layers=1,
                                       act_options={"memory_lean": lean})
   variables = jax.jit(functools.partial(create(True).init, train=False))(jax.random.key(1), x)
   results = []

@@ -24,10 +24,10 @@ def _run(capsys, *argv):
 
 
 def test_train_prints_one_json_line(capsys):
-  (record,) = _run(capsys, "train", "--model", "cifar_resnet8", "--act", "atac", "--batch", "8",
+  (record,) = _run(capsys, "train", "--model", "convnet_mnist", "--act", "atac", "--batch", "8",
                    "--steps", "2")
   assert TRAIN_KEYS <= set(record), TRAIN_KEYS - set(record)
-  assert record["model"] == "cifar_resnet8" and record["act"] == "atac"
+  assert record["model"] == "convnet_mnist" and record["act"] == "atac"
   assert record["batch"] == 8 and record["dtype"] == "float32" and record["steps"] == 2
   assert record["images_per_second"] > 0 and record["temp_bytes"] > 0
   assert record["device_kind"]

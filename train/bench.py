@@ -144,25 +144,31 @@ def _devices(num_devices: int):
   return devices[:num_devices]
 
 
-def build_step(config, *, num_devices: int = 1, name: str = "", warmup: bool = True) -> StepBench:
+def build_step(config, *, num_devices: int = 1, name: str = "",
+               compile_only: bool = False) -> StepBench:
   """Compiles the project's train step for ``config`` and makes its state and a device batch.
 
   The step is ``train.trainer.compile_steps`` (jit of ``train.steps.train_step`` with explicit
   shardings and the state donated), lowered and compiled ahead of time for the batch; the
-  compiled executable is what gets timed, and its memory analysis gives ``temp_bytes``.
-  ``warmup`` runs one untimed step (the first run allocates); without it nothing is executed
-  but the initialisation, so a model too big to train here can still be compiled and measured.
+  compiled executable is what gets timed (after one untimed warm-up step), and its memory
+  analysis gives ``temp_bytes``. ``compile_only`` lowers on shapes alone and allocates nothing,
+  so a model too big to train here can still be compiled and measured.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from train import parallel, trainer  # pylint: disable=g-import-not-at-top
   s = trainer.setup(config, devices=_devices(num_devices))
-  state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
-  rng = np.random.default_rng(config.seed)
-  local = {"image": rng.standard_normal((config.global_batch_size, *s.info.image_shape),
-                                        dtype=np.float32),
-           "label": rng.integers(0, s.info.num_classes, config.global_batch_size).astype(np.int32)}
-  batch = parallel.global_batch(local, s.batch_sharding)
+  batch_shape = (config.global_batch_size, *s.info.image_shape)
+  if compile_only:
+    state = s.abstract_state
+    batch = {"image": jax.ShapeDtypeStruct(batch_shape, np.float32),
+             "label": jax.ShapeDtypeStruct(batch_shape[:1], np.int32)}
+  else:
+    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+    rng = np.random.default_rng(config.seed)
+    local = {"image": rng.standard_normal(batch_shape, dtype=np.float32),
+             "label": rng.integers(0, s.info.num_classes, batch_shape[:1]).astype(np.int32)}
+    batch = parallel.global_batch(local, s.batch_sharding)
   train_step, _ = trainer.compile_steps(config, s)
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
@@ -173,7 +179,7 @@ def build_step(config, *, num_devices: int = 1, name: str = "", warmup: bool = T
                     temp_bytes=int(memory.temp_size_in_bytes),
                     argument_bytes=int(memory.argument_size_in_bytes),
                     output_bytes=int(memory.output_size_in_bytes))
-  if warmup:
+  if not compile_only:
     bench.run(1)  # first-run allocations; not recorded
     bench.times.clear()
   return bench
@@ -184,7 +190,7 @@ def bench_train(config, *, steps: int = 10, num_devices: int = 1) -> dict[str, A
 
   ``steps=0`` compiles only (timing fields None).
   """
-  bench = build_step(config, num_devices=num_devices, warmup=steps > 0)
+  bench = build_step(config, num_devices=num_devices, compile_only=steps <= 0)
   bench.run(steps)
   return bench.summary()
 
@@ -201,8 +207,8 @@ def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
     'temp_bytes_ratio': temp_a / temp_b, ...}``.
   """
   timed = steps > 0 and rounds > 0
-  a = build_step(config_a, num_devices=num_devices, name="a", warmup=timed)
-  b = build_step(config_b, num_devices=num_devices, name="b", warmup=timed)
+  a = build_step(config_a, num_devices=num_devices, name="a", compile_only=not timed)
+  b = build_step(config_b, num_devices=num_devices, name="b", compile_only=not timed)
   for i in range(rounds if timed else 0):
     for bench in ((a, b) if i % 2 == 0 else (b, a)):
       bench.run(steps)
