@@ -59,8 +59,9 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(trained_workdir, tmp_path
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_resumes(trained_workdir, tmp_path):
   reference_dir, reference = trained_workdir
+  # The same XLA program as the in-process reference run: no CLI CPU-flag defaults.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", ATAC_JAX_CPU_DEFAULTS="0")
   command = [sys.executable, "-m", "train.main", "--config",
              os.path.join(REPO, "configs", "quickstart.py"), "--workdir", str(tmp_path),
              "--config.model.name=cifar_resnet8", "--config.global_batch_size=32",
