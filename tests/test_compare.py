@@ -9,8 +9,8 @@ import jax
 import pytest
 from PIL import Image
 
-from configs import quickstart
 from train import compare, plots, trainer
+from conftest import small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,11 +37,7 @@ HAND_RECORDS = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """One tiny trained run: ATAC cifar_resnet8, one epoch of the digits (on one device)."""
-  config = quickstart.get_config()
-  config.model.name = "cifar_resnet8"
-  config.num_epochs = 1
-  config.global_batch_size = 32
-  config.progress_bar = False
+  config = small_quickstart_config(num_epochs=1)
   path = str(tmp_path_factory.mktemp("compare") / "atac_run")
   trainer.train_and_evaluate(config, path, devices=jax.devices()[:1])
   return path

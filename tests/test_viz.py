@@ -15,8 +15,8 @@ from PIL import Image
 
 from atac_jax import checkpoint
 from atac_jax.layers import ATAC, SE, XUnit, get_activation
-from configs import quickstart
 from train import data, trainer, viz
+from conftest import small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,11 +29,7 @@ def workdir(tmp_path_factory):
   Trained on one device: compiling for the 8 fake devices doubles the time on 2 CPU cores, and
   the sharded paths are tested in test_trainer.py.
   """
-  config = quickstart.get_config()
-  config.model.name = "cifar_resnet8"
-  config.num_epochs = 1
-  config.global_batch_size = 32
-  config.progress_bar = False
+  config = small_quickstart_config(num_epochs=1)
   path = str(tmp_path_factory.mktemp("viz") / "atac")
   trainer.train_and_evaluate(config, path, devices=jax.devices()[:1])
   return path
