@@ -3,12 +3,13 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atac_jax.layers import ATAC
+from atac_jax.layers import ATAC, BatchNormVariables
 
 MOMENTUM, EPS = 0.9, 1e-5
 
@@ -247,3 +248,66 @@ def test_memory_lean_model_train_step_equals_plain():
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   chex.assert_trees_all_close(updates, expected_updates, rtol=1e-4, atol=1e-5)
   _assert_close_to_scale(grads, expected_grads)
+
+
+# --- a preceding BatchNorm fused into the unit (ATAC(...)(x, norm=BatchNormVariables(...))) ---
+
+class _NormThenATAC(nn.Module):
+  """``ATAC(BN(x))``, either fused through ``norm=`` or composed with ``nn.BatchNorm``."""
+  fused: bool
+  inner_relu: bool = True
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    unit = ATAC(inner_relu=self.inner_relu, use_bias=self.use_bias, name="act")
+    if self.fused:
+      return unit(x, train=train, norm=BatchNormVariables(x.shape[-1], momentum=0.8,
+                                                          epsilon=1e-3, name="bn"))
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.8, epsilon=1e-3, name="bn")
+    return unit(bn(x), train=train)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("inner_relu,use_bias", [(True, False), (False, True)])
+def test_fused_batch_norm_equals_batch_norm_then_unit(train, inner_relu, use_bias):
+  """Same variables at init; same loss, batch_stats updates and gradients (input included)."""
+  x = np.random.RandomState(7).normal(0.5, 3.0, size=(4, 5, 6, 8)).astype(np.float32)
+  fused, composed = (_NormThenATAC(f, inner_relu, use_bias) for f in (True, False))
+  init = lambda m: jax.jit(functools.partial(m.init, train=False))(jax.random.key(2), x)
+  chex.assert_trees_all_equal(init(fused), init(composed))
+  variables = _randomize(init(composed), seed=8)
+  value, stats, grads = _loss_and_grads(fused, variables, x, train=train)
+  want_value, want_stats, want_grads = _loss_and_grads(composed, variables, x, train=train)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  chex.assert_trees_all_close(stats, want_stats, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(stats["bn"]["mean"], variables["batch_stats"]["bn"]["mean"]) or not train
+  for got, want in zip(grads, want_grads):  # parameters, running statistics, input
+    _assert_close_to_scale(got, want)
+
+
+def test_fused_batch_norm_keeps_only_its_input():
+  """A chain of BN -> ATAC -> conv: fusing saves one activation-sized buffer per pair."""
+  shape, depth = (16, 16, 16, 32), 4
+
+  class Chain(nn.Module):
+    fused: bool
+
+    @nn.compact
+    def __call__(self, x):
+      for i in range(depth):
+        x = _NormThenATAC(self.fused, name=f"pair{i}")(x, train=True)
+        x = nn.Conv(shape[-1], (3, 3), use_bias=False, name=f"conv{i}")(x)
+      return x
+
+  x = jnp.ones(shape)
+  temp = {}
+  for fused in (True, False):
+    model = Chain(fused)
+    variables = model.init(jax.random.key(0), x)
+    loss = lambda p, v=variables, m=model: jnp.sum(m.apply(
+        {"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])[0] ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+    temp[fused] = compiled.memory_analysis().temp_size_in_bytes
+  activation = 4 * int(np.prod(shape))
+  assert temp[True] <= temp[False] - (depth - 1) * activation, (temp, activation)

@@ -70,17 +70,32 @@ class ATAC(nn.Module):
   memory_lean: bool = True
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """Gates ``x`` (NHWC). ``train=True`` uses batch statistics and updates ``batch_stats``."""
+  def __call__(self, x: jnp.ndarray, *, train: bool,
+               norm: BatchNormVariables | None = None) -> jnp.ndarray:
+    """Gates ``x`` (NHWC). ``train=True`` uses batch statistics and updates ``batch_stats``.
+
+    Args:
+      x: the input, ``(N, H, W, C)``.
+      train: batch statistics (and ``batch_stats`` updates) instead of the running averages.
+      norm: a preceding BatchNorm, given as its variables (a :class:`BatchNormVariables` the
+        caller created where its ``nn.BatchNorm`` would be): the unit computes
+        ``ATAC(BN(x))``. A memory-lean unit then fuses the two into one custom-gradient op
+        that keeps only ``x`` for the backward pass, not also the BatchNorm's output (see
+        :func:`norm_gate`); results, gradients and variables equal those of
+        ``ATAC()(nn.BatchNorm()(x))``.
+    """
     _checks.check_rank(x, rank=4, layer="ATAC")
     _checks.check_momentum(self.momentum, layer="ATAC")
     _checks.check_positive(self.epsilon, option="epsilon", layer="ATAC")
     channels = x.shape[-1]
     hidden = _checks.bottleneck_width(channels, self.reduction, layer="ATAC")
+    fuse = norm is not None and self.memory_lean and not self.use_global and train
+    if norm is not None and not fuse:
+      x = norm.normalize(x, train=train)
     if self.dtype is not None:
       x = jnp.asarray(x, self.dtype)
     if self.memory_lean and not self.use_global:
-      return self._lean(x, hidden, train=train)
+      return self._lean(x, hidden, train=train, norm=norm if fuse else None)
 
     def batch_norm(name: str) -> nn.BatchNorm:
       return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
@@ -98,8 +113,12 @@ class ATAC(nn.Module):
     h = batch_norm("bn_up")(h)
     return x * nn.sigmoid(h).astype(x.dtype)
 
-  def _lean(self, x: jnp.ndarray, hidden: int, *, train: bool) -> jnp.ndarray:
-    """The point-wise gate through :func:`gate` (variables created exactly as the plain path)."""
+  def _lean(self, x: jnp.ndarray, hidden: int, *, train: bool,
+            norm: BatchNormVariables | None = None) -> jnp.ndarray:
+    """The point-wise gate through :func:`gate` (variables created exactly as the plain path).
+
+    With ``norm`` (training only), ``x`` is the BatchNorm's input and :func:`norm_gate` runs.
+    """
     channels = x.shape[-1]
     compute_dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     cast = lambda *arrays: tuple(None if a is None else jnp.asarray(a, compute_dtype)
@@ -113,7 +132,14 @@ class ATAC(nn.Module):
     if not train:
       return gate(x, params, tuple(v.value for v in running), epsilon=self.epsilon,
                   inner_relu=self.inner_relu)
-    y, batch = gate(x, params, None, epsilon=self.epsilon, inner_relu=self.inner_relu)
+    if norm is None:
+      y, batch = gate(x, params, None, epsilon=self.epsilon, inner_relu=self.inner_relu)
+    else:
+      norm_scale, norm_bias = norm.affine()
+      y, norm_batch, batch = norm_gate(
+          x, (norm_scale, norm_bias), params, norm_epsilon=norm.epsilon, epsilon=self.epsilon,
+          inner_relu=self.inner_relu, dtype=compute_dtype)
+      norm.update(norm_batch)
     if not self.is_initializing():
       for variable, value in zip(running, batch):
         variable.value = self.momentum * variable.value + (1 - self.momentum) * value
@@ -151,6 +177,155 @@ class _BatchNormVars(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     return scale, bias, mean, var
+
+
+class BatchNormVariables(nn.Module):
+  """The variables of an ``nn.BatchNorm`` (last axis, scale and bias), for :class:`ATAC`'s ``norm``.
+
+  Created under the name the ``nn.BatchNorm`` would have, it holds the very same variables
+  (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``; same shapes, initial
+  values and creation order), so checkpoints do not change when a host network fuses its
+  BatchNorm into the following ATAC unit.
+
+  Attributes:
+    features: channels (the input's last axis).
+    momentum: running-average momentum (``nn.BatchNorm``'s meaning).
+    epsilon: variance epsilon.
+    dtype: output dtype of :meth:`normalize` (None: the input's, promoted with the params').
+    param_dtype: parameter dtype.
+  """
+  features: int
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    f = (self.features,)
+    self.mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(f, jnp.float32))
+    self.var = self.variable("batch_stats", "var", lambda: jnp.ones(f, jnp.float32))
+    self.scale = self.param("scale", nn.initializers.ones, f, self.param_dtype)
+    self.bias = self.param("bias", nn.initializers.zeros, f, self.param_dtype)
+
+  def affine(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``(scale, bias)``."""
+    return self.scale, self.bias
+
+  def update(self, batch: tuple[jnp.ndarray, jnp.ndarray]) -> None:
+    """Moves the running averages towards the batch's ``(mean, var)`` (not during init)."""
+    if self.is_initializing():
+      return
+    for variable, value in zip((self.mean, self.var), batch):
+      variable.value = self.momentum * variable.value + (1 - self.momentum) * value
+
+  def normalize(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """``nn.BatchNorm(use_running_average=not train)(x)`` with these variables."""
+    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    stats = None if train else (self.mean.value, self.var.value)
+    y, batch = _batch_norm(x, self.scale, self.bias, stats, epsilon=self.epsilon, dtype=dtype)
+    if train:
+      self.update(batch)
+    return y
+
+
+def _batch_norm(x, scale, bias, stats, *, epsilon, dtype):
+  """``nn.BatchNorm`` over the last axis: ``(y, (mean, var))`` (the batch's, or ``stats``)."""
+  if stats is None:
+    x32 = x.reshape(-1, x.shape[-1]).astype(_f32(x.dtype))
+    mean = jnp.mean(x32, axis=0)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=0) - jnp.square(mean))
+  else:
+    mean, var = stats
+  return _normalize(x, mean, var, scale, bias, epsilon, dtype), (mean, var)
+
+
+def norm_gate(x: jnp.ndarray, norm_params: tuple, params: tuple, *, norm_epsilon: float,
+              epsilon: float, inner_relu: bool, dtype: Any):
+  """``gate(BN(x))`` in training mode, as one op whose backward pass keeps only ``x``.
+
+  In a pre-activation network the BatchNorm's output is the ATAC unit's input; composing
+  ``nn.BatchNorm`` with :func:`gate` keeps both the BatchNorm's input (for its gradient) and its
+  output (the gate's residual). Here the output is recomputed from ``x`` and the batch
+  statistics in the backward pass (one element-wise pass), so the pair keeps what a
+  BatchNorm + ReLU pair keeps.
+
+  Args:
+    x: ``(..., C)`` BatchNorm input.
+    norm_params: ``(scale, bias)`` of the BatchNorm.
+    params: the gate's parameters (as :func:`gate`).
+    norm_epsilon: the BatchNorm's epsilon.
+    epsilon: the gate's BatchNorm epsilon.
+    inner_relu: ReLU between the point-wise convolutions.
+    dtype: dtype of the BatchNorm's output (the gate's compute dtype).
+
+  Returns:
+    ``(y, (mean, var) of x, gate batch statistics)`` (as :func:`gate`'s).
+  """
+  return _norm_gate_op(float(norm_epsilon), float(epsilon), bool(inner_relu),
+                       jnp.dtype(dtype))(x, tuple(norm_params), tuple(params))
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_gate_op(norm_epsilon: float, epsilon: float, inner_relu: bool, dtype):
+  """The ``jax.custom_vjp`` of :func:`norm_gate` for one static configuration."""
+
+  def run(x, norm_params, params):
+    p, norm_batch = _batch_norm(x, *norm_params, None, epsilon=norm_epsilon, dtype=dtype)
+    y, batch, gram = _forward(p, params, None, epsilon=epsilon, inner_relu=inner_relu)
+    return (y, norm_batch, batch), gram
+
+  def primal(x, norm_params, params):
+    return run(x, norm_params, params)[0]
+
+  def fwd(x, norm_params, params):
+    x, norm_params, params = jax.tree.map(lambda p: p.value, (x, norm_params, params))
+    out, gram = run(x, norm_params, params)
+    return out, (x, norm_params, params, out[1], out[2], gram)
+
+  def bwd(residuals, cotangent):
+    x, norm_params, params, norm_batch, batch, gram = residuals
+    dy, dnorm_batch, dbatch = cotangent
+    dy = _live(dy)
+    dy = jnp.zeros(x.shape, dtype) if dy is None else dy
+    # As in gate(): tie the recomputation to the cotangent so it stays in the backward pass.
+    zero = _opaque_zero(dy)
+    norm_scale = norm_params[0] + zero.astype(norm_params[0].dtype)
+    p, _ = _batch_norm(x, norm_scale, norm_params[1], norm_batch, epsilon=norm_epsilon,
+                       dtype=dtype)
+    dp, dparams, _ = _backward(p, params, batch, gram, dy, tuple(map(_live, dbatch)),
+                               epsilon=epsilon, inner_relu=inner_relu, batch_stats=True)
+    dx, dscale, dbias = _batch_norm_backward(x, norm_params, norm_batch, dp,
+                                             tuple(map(_live, dnorm_batch)),
+                                             epsilon=norm_epsilon)
+    return dx, (dscale, dbias), dparams
+
+  op = jax.custom_vjp(primal)
+  op.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op
+
+
+def _batch_norm_backward(x, norm_params, stats, dp, dstats, *, epsilon):
+  """``(dx, dscale, dbias)`` of a training-mode BatchNorm ``p = (x - m) rs g + b``.
+
+  ``stats`` are the batch ``(mean, var)``, ``dstats`` their cotangents (None where zero).
+  """
+  scale, bias = norm_params
+  mean, var = stats
+  dmean, dvar = dstats
+  f32 = _f32(x.dtype)
+  shape = x.shape
+  x = x.reshape(-1, shape[-1])
+  dp = dp.reshape(x.shape).astype(f32)
+  rows = x.shape[0]
+  rs = lax.rsqrt(var + epsilon)
+  a = rs * scale
+  xc = x.astype(f32) - mean
+  sum_dp = jnp.sum(dp, axis=0)
+  sum_dp_xc = jnp.sum(dp * xc, axis=0)
+  e0 = -a * sum_dp / rows + (0.0 if dmean is None else dmean / rows)
+  e1 = -a * rs * rs * sum_dp_xc / rows + (0.0 if dvar is None else 2.0 * dvar / rows)
+  dx = (a * dp + e0 + e1 * xc).astype(x.dtype).reshape(shape)
+  return dx, (sum_dp_xc * rs).astype(scale.dtype), sum_dp.astype(bias.dtype)
 
 
 def gate(x: jnp.ndarray, params: tuple, stats: tuple | None, *, epsilon: float,

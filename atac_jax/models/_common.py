@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 from flax.core import FrozenDict
 
-from atac_jax.layers import activation_options, get_activation
+from atac_jax.layers import ATAC, BatchNormVariables, activation_options, get_activation
 
 ModuleDef = Any
 ActivationFactory = Callable[..., Any]
@@ -49,6 +49,35 @@ def activation_factory(act: str, *, reduction: int | None, dtype: Any, param_dty
     raise ValueError(f"Activation {act!r} does not take option(s) {unknown}; accepted: "
                      f"{list(accepted) or 'none'}.")
   return functools.partial(get_activation, act, **options)
+
+
+def norm_act(x: Any, *, norm: ModuleDef, act: ActivationFactory, norm_name: str, act_name: str,
+             train: bool) -> Any:
+  """``act(norm(x))``: a BatchNorm and the activation that follows it, inside a parent module.
+
+  Makes ``norm(name=norm_name)`` and ``act(name=act_name)``. In training, when the activation
+  is a memory-lean point-wise :class:`~atac_jax.layers.ATAC` unit and ``norm`` a plain
+  ``nn.BatchNorm`` factory (last axis, scale and bias, default initialisers), the BatchNorm is
+  handed to the unit as :class:`~atac_jax.layers.BatchNormVariables` of the same name and the
+  unit fuses it into its custom gradient: the pair keeps only the BatchNorm's input for the
+  backward pass, as a BatchNorm + ReLU pair does. The variables, outputs and gradients are
+  those of the unfused pair, which evaluation (and every other activation) uses.
+  """
+  unit = act(name=act_name)
+  spec = norm(parent=None)
+  fusable = (train and isinstance(unit, ATAC) and unit.memory_lean and not unit.use_global
+             and type(spec) is nn.BatchNorm  # pylint: disable=unidiomatic-typecheck
+             and spec.use_running_average is False and spec.axis == -1
+             and spec.use_scale and spec.use_bias and spec.axis_name is None
+             and spec.scale_init is nn.initializers.ones
+             and spec.bias_init is nn.initializers.zeros
+             and getattr(spec, "use_fast_variance", True)
+             and getattr(spec, "force_float32_reductions", True))
+  if not fusable:
+    return unit(norm(name=norm_name)(x), train=train)
+  variables = BatchNormVariables(x.shape[-1], momentum=spec.momentum, epsilon=spec.epsilon,
+                                 dtype=spec.dtype, param_dtype=spec.param_dtype, name=norm_name)
+  return unit(x, train=train, norm=variables)
 
 
 def placement_factories(chosen: ActivationFactory, flags: tuple[bool, ...]

@@ -59,12 +59,14 @@ class BasicBlockV2(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     residual = x
-    y = self.act(name="act1")(self.norm(name="bn1")(x), train=train)
+    y = _common.norm_act(x, norm=self.norm, act=self.act, norm_name="bn1",
+                         act_name="act1", train=train)
     if self.strides != 1 or x.shape[-1] != self.features:
       residual = self.conv(self.features, (1, 1), strides=self.strides, padding="VALID",
                            name="shortcut")(x)
     y = self.conv(self.features, (3, 3), strides=self.strides, name="conv1")(y)
-    y = self.act(name="act2")(self.norm(name="bn2")(y), train=train)
+    y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn2",
+                         act_name="act2", train=train)
     y = self.conv(self.features, (3, 3), name="conv2")(y)
     return y + residual
 
@@ -137,7 +139,8 @@ class CIFARResNetV2(nn.Module, kw_only=True):
         strides = 2 if i > 0 and j == 0 else 1
         x = BasicBlockV2(features, strides, conv=conv, norm=norm, act=act,
                          name=f"stage{i + 1}_block{j + 1}")(x, train=train)
-    x = head_act(name="act_out")(norm(name="bn_out")(x), train=train)
+    x = _common.norm_act(x, norm=norm, act=head_act, norm_name="bn_out",
+                         act_name="act_out", train=train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="head")(x)

@@ -71,7 +71,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     y = self.conv3x3(self.features, (3, 3), strides=self.strides, name="conv1")(x)
-    y = self.act(name="act1")(self.norm(name="bn1")(y), train=train)
+    y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn1",
+                         act_name="act1", train=train)
     y = self.conv3x3(self.features, (3, 3), name="conv2")(y)
     y = self.last_norm(name="bn2")(y)
     return nn.relu(y + _shortcut(self, x, self.features))
@@ -102,9 +103,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     out_features = self.features * self.expansion
     y = self.conv(self.features, (1, 1), name="conv1")(x)
-    y = self.act(name="act1")(self.norm(name="bn1")(y), train=train)
+    y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn1",
+                         act_name="act1", train=train)
     y = self.conv3x3(self.features, (3, 3), strides=self.strides, name="conv2")(y)
-    y = self.act(name="act2")(self.norm(name="bn2")(y), train=train)
+    y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn2",
+                         act_name="act2", train=train)
     y = self.conv(out_features, (1, 1), name="conv3")(y)
     y = self.last_norm(name="bn3")(y)
     return nn.relu(y + _shortcut(self, x, out_features))
