@@ -71,11 +71,23 @@ def test_two_processes_match_one_process(tmp_path):
   assert final[0]["step"] == 1437 // 32
   single_records, multi_records = _records(single), _records(multi)
   assert [r["step"] for r in multi_records] == [r["step"] for r in single_records]
+  # The two runs reduce in different orders, so they differ by float32 rounding, which training
+  # amplifies (measured: ~1e-7 up to step 30, then ~10x per 5 steps; 4e-3 in eval/loss at the
+  # last step). A sharding or statistics bug shows from the first logged step, where the runs
+  # must agree to 1e-5; later losses are held to 1e-2 and accuracies to one example in 32.
   for a, b in zip(single_records, multi_records):
+    early = a["step"] <= 30
     for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
                 "eval/num_examples"):
-      if key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, err_msg=key)
+      if key not in a:
+        continue
+      message = f"{key} at step {a['step']}"
+      if early or key == "eval/num_examples":
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=message)
+      elif key.endswith("loss"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-2, err_msg=message)
+      else:
+        assert abs(b[key] - a[key]) <= 1 / 32 + 1e-6, message
   assert final[0]["eval/num_examples"] == 360
   # Only process 0 prints the result and writes the logs (one record per step, not two).
   assert not any(line.startswith("{") for line in outputs[1][0].splitlines())
