@@ -232,8 +232,9 @@ def _batch_norm(x, scale, bias, stats, *, epsilon, dtype):
   """``nn.BatchNorm`` over the last axis: ``(y, (mean, var))`` (the batch's, or ``stats``)."""
   if stats is None:
     x32 = x.reshape(-1, x.shape[-1]).astype(_f32(x.dtype))
-    mean = jnp.mean(x32, axis=0)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=0) - jnp.square(mean))
+    rows = x32.shape[0]
+    mean = _colsum(x32) / rows
+    var = jnp.maximum(0.0, _colsum(jnp.square(x32)) / rows - jnp.square(mean))
   else:
     mean, var = stats
   return _normalize(x, mean, var, scale, bias, epsilon, dtype), (mean, var)
@@ -320,8 +321,8 @@ def _batch_norm_backward(x, norm_params, stats, dp, dstats, *, epsilon):
   rs = lax.rsqrt(var + epsilon)
   a = rs * scale
   xc = x.astype(f32) - mean
-  sum_dp = jnp.sum(dp, axis=0)
-  sum_dp_xc = jnp.sum(dp * xc, axis=0)
+  sum_dp = _colsum(dp)
+  sum_dp_xc = _colsum(dp * xc)
   e0 = -a * sum_dp / rows + (0.0 if dmean is None else dmean / rows)
   e1 = -a * rs * rs * sum_dp_xc / rows + (0.0 if dvar is None else 2.0 * dvar / rows)
   dx = (a * dp + e0 + e1 * xc).astype(x.dtype).reshape(shape)
@@ -410,8 +411,16 @@ def _tdot(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 
 def _colsum(a: jnp.ndarray) -> jnp.ndarray:
-  """Sum over all but the channel axis."""
-  return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
+  """Sum over all but the channel axis, accumulated and returned in at least float32.
+
+  Written as a matrix-vector product with ones: XLA:CPU rewrites a large ``jnp.sum`` into a
+  tree of ``reduce-window`` ops that run at a fraction of the memory bandwidth (1.35 ms for an
+  8 MiB ``(128, 32, 32, 16)`` activation on the 2-core dev machine, jaxlib 0.10.2), while the
+  product streams the array once (0.55 ms). Each product with 1 is exact.
+  """
+  a = a.reshape(-1, a.shape[-1])
+  ones = jnp.ones((a.shape[0],), a.dtype)
+  return jnp.dot(ones, a, preferred_element_type=_f32(a.dtype))
 
 
 def _dense(x, kernel, bias):
@@ -440,7 +449,7 @@ def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
   rows = x.size // x.shape[-1]
   h = _dense(x.astype(dtype), kd, bd)
   if stats is None:
-    m1 = _colsum(h.astype(_f32(dtype))) / rows
+    m1 = _colsum(h) / rows
     v1 = jnp.maximum(0.0, jnp.diagonal(_tdot(h, h)) / rows - jnp.square(m1))
   else:
     m1, v1 = stats[:2]
@@ -449,7 +458,7 @@ def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
   u = _dense(a, ku, bu)
   gram = None
   if stats is None:
-    gram = (_colsum(a.astype(_f32(dtype))), _tdot(a, a))
+    gram = (_colsum(a), _tdot(a, a))
     mean_a = gram[0] / rows
     cov_a = gram[1] / rows - jnp.outer(mean_a, mean_a)
     ku32 = ku.astype(cov_a.dtype)
@@ -531,7 +540,7 @@ def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_
     dh = a1 * da
     dm1, dv1 = -a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc
   dh = dh.astype(dtype)
-  dbd = None if bd is None else _colsum(dh.astype(f32))
+  dbd = None if bd is None else _colsum(dh)
   dkd = _tdot(x.astype(dtype), dh)
   # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
   # dx is written once instead of being re-derived (with everything it reads kept alive) inside
