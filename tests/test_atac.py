@@ -1,6 +1,7 @@
 """ATAC against an independent NumPy implementation of the published formula."""
 
 import functools
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -257,14 +258,17 @@ class _NormThenATAC(nn.Module):
   fused: bool
   inner_relu: bool = True
   use_bias: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, *, train):
-    unit = ATAC(inner_relu=self.inner_relu, use_bias=self.use_bias, name="act")
+    unit = ATAC(inner_relu=self.inner_relu, use_bias=self.use_bias, dtype=self.dtype, name="act")
     if self.fused:
       return unit(x, train=train, norm=BatchNormVariables(x.shape[-1], momentum=0.8,
-                                                          epsilon=1e-3, name="bn"))
-    bn = nn.BatchNorm(use_running_average=not train, momentum=0.8, epsilon=1e-3, name="bn")
+                                                          epsilon=1e-3, dtype=self.dtype,
+                                                          name="bn"))
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.8, epsilon=1e-3,
+                      dtype=self.dtype, name="bn")
     return unit(bn(x), train=train)
 
 
@@ -284,6 +288,20 @@ def test_fused_batch_norm_equals_batch_norm_then_unit(train, inner_relu, use_bia
   assert not np.allclose(stats["bn"]["mean"], variables["batch_stats"]["bn"]["mean"]) or not train
   for got, want in zip(grads, want_grads):  # parameters, running statistics, input
     _assert_close_to_scale(got, want)
+
+
+def test_fused_batch_norm_bfloat16_close_to_unfused():
+  x = np.random.RandomState(9).normal(0.5, 3.0, size=(4, 6, 6, 16)).astype(np.float32)
+  fused, composed = (_NormThenATAC(f, dtype=jnp.bfloat16) for f in (True, False))
+  variables = _randomize(composed.init(jax.random.key(2), x, train=False), seed=10)
+  value, stats, grads = _loss_and_grads(fused, variables, x, train=True)
+  want_value, want_stats, want_grads = _loss_and_grads(composed, variables, x, train=True)
+  chex.assert_trees_all_equal_dtypes(grads, want_grads)
+  np.testing.assert_allclose(value, want_value, rtol=0.02)
+  chex.assert_trees_all_close(stats, want_stats, rtol=0.02, atol=0.02)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    scale = float(jnp.max(jnp.abs(want))) + 1e-6
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 0.03 * scale
 
 
 def test_fused_batch_norm_keeps_only_its_input():

@@ -27,7 +27,7 @@ its ReLU twin (unfused lean units: 1.46x, plain autodiff: 2.8x). See the README,
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -234,15 +234,17 @@ class BatchNormVariables(nn.Module):
     return y
 
 
+def _batch_stats(x):
+  """``nn.BatchNorm``'s batch ``(mean, var)`` over all but the last axis (fast variance)."""
+  x32 = x.reshape(-1, x.shape[-1]).astype(_f32(x.dtype))
+  rows = x32.shape[0]
+  mean = _colsum(x32) / rows
+  return mean, jnp.maximum(0.0, _colsum(jnp.square(x32)) / rows - jnp.square(mean))
+
+
 def _batch_norm(x, scale, bias, stats, *, epsilon, dtype):
   """``nn.BatchNorm`` over the last axis: ``(y, (mean, var))`` (the batch's, or ``stats``)."""
-  if stats is None:
-    x32 = x.reshape(-1, x.shape[-1]).astype(_f32(x.dtype))
-    rows = x32.shape[0]
-    mean = _colsum(x32) / rows
-    var = jnp.maximum(0.0, _colsum(jnp.square(x32)) / rows - jnp.square(mean))
-  else:
-    mean, var = stats
+  mean, var = _batch_stats(x) if stats is None else stats
   return _normalize(x, mean, var, scale, bias, epsilon, dtype), (mean, var)
 
 
@@ -276,9 +278,18 @@ def norm_gate(x: jnp.ndarray, norm_params: tuple, params: tuple, *, norm_epsilon
 def _norm_gate_op(norm_epsilon: float, epsilon: float, inner_relu: bool, dtype):
   """The ``jax.custom_vjp`` of :func:`norm_gate` for one static configuration."""
 
+  # In float32 the BatchNorm folds into the down-projection (_Norm); in bfloat16 the folded
+  # kernel measurably loses precision (bn_down gradients 5% off float32, against 1% for the
+  # composed pair), so the normalised input is written out and the gate runs on it.
+  fold = jnp.dtype(dtype).itemsize >= 4
+
+  def gate_input(x, norm):
+    return (x, norm) if fold else (norm.apply(x), None)
+
   def run(x, norm_params, params):
-    p, norm_batch = _batch_norm(x, *norm_params, None, epsilon=norm_epsilon, dtype=dtype)
-    y, batch, gram = _forward(p, params, None, epsilon=epsilon, inner_relu=inner_relu)
+    norm_batch = _batch_stats(x)
+    x, norm = gate_input(x, _Norm(*norm_batch, *norm_params, norm_epsilon, dtype))
+    y, batch, gram = _forward(x, params, None, epsilon=epsilon, inner_relu=inner_relu, norm=norm)
     return (y, norm_batch, batch), gram
 
   def primal(x, norm_params, params):
@@ -297,10 +308,10 @@ def _norm_gate_op(norm_epsilon: float, epsilon: float, inner_relu: bool, dtype):
     # As in gate(): tie the recomputation to the cotangent so it stays in the backward pass.
     zero = _opaque_zero(dy)
     norm_scale = norm_params[0] + zero.astype(norm_params[0].dtype)
-    p, _ = _batch_norm(x, norm_scale, norm_params[1], norm_batch, epsilon=norm_epsilon,
-                       dtype=dtype)
+    p, norm = gate_input(x, _Norm(*norm_batch, norm_scale, norm_params[1], norm_epsilon, dtype))
     dp, dparams, _ = _backward(p, params, batch, gram, dy, tuple(map(_live, dbatch)),
-                               epsilon=epsilon, inner_relu=inner_relu, batch_stats=True)
+                               epsilon=epsilon, inner_relu=inner_relu, batch_stats=True,
+                               norm=norm)
     dx, dscale, dbias = _batch_norm_backward(x, norm_params, norm_batch, dp,
                                              tuple(map(_live, dnorm_batch)),
                                              epsilon=norm_epsilon)
@@ -309,6 +320,45 @@ def _norm_gate_op(norm_epsilon: float, epsilon: float, inner_relu: bool, dtype):
   op = jax.custom_vjp(primal)
   op.defvjp(fwd, bwd, symbolic_zeros=True)
   return op
+
+
+class _Norm(NamedTuple):
+  """A training-mode BatchNorm ``p = (x - mean) * rsqrt(var + eps) * scale + bias`` as an operand.
+
+  The gate uses ``p`` element-wise (recomputed inside each fusion) and in two matmuls, which
+  take ``x`` instead: ``p @ W = x @ (mul W) + (bias - mean mul) @ W`` and
+  ``p^T d = mul (x^T d) + (bias - mean mul) sum(d)`` with ``mul = rsqrt(var + eps) scale``.
+  ``p`` is never written to memory. The folded form rounds differently from normalising first
+  (relative error ~1e-7 |mean| / std in float32; ``nn.BatchNorm``'s variance ``E[x^2] - E[x]^2``
+  has the same dependence). Used in float32 only (see :func:`_norm_gate_op`).
+  """
+  mean: jnp.ndarray
+  var: jnp.ndarray
+  scale: jnp.ndarray
+  bias: jnp.ndarray
+  epsilon: float
+  dtype: Any
+
+  def _affine(self):
+    mul = lax.rsqrt(self.var + self.epsilon) * self.scale
+    return mul, self.bias - self.mean * mul
+
+  def apply(self, x):
+    return _normalize(x, self.mean, self.var, self.scale, self.bias, self.epsilon, self.dtype)
+
+  def project(self, x, kernel, bias):
+    mul, shift = self._affine()
+    k32 = kernel.astype(mul.dtype)
+    folded_bias = shift @ k32 + (0.0 if bias is None else bias.astype(mul.dtype))
+    # Accumulated and shifted in float32, then rounded once: in bfloat16 the shift would cancel
+    # against the product in 8-bit precision.
+    h = jnp.dot(x.astype(self.dtype), (mul[:, None] * k32).astype(self.dtype),
+                preferred_element_type=_f32(self.dtype))
+    return (h + folded_bias).astype(self.dtype)
+
+  def tdot(self, x, d):
+    mul, shift = self._affine()
+    return mul[:, None] * _tdot(x.astype(self.dtype), d) + jnp.outer(shift, _colsum(d))
 
 
 def _batch_norm_backward(x, norm_params, stats, dp, dstats, *, epsilon):
@@ -440,7 +490,7 @@ def _normalize(h, mean, var, scale, shift, epsilon, dtype):
   return (((h - mean) * mul) + shift).astype(dtype)
 
 
-def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
+def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False, norm=None):
   """The gate. Returns ``(y, batch statistics or None, gram)``.
 
   Batch statistics are ``nn.BatchNorm``'s (mean, fast variance ``E[h^2] - E[h]^2`` clipped at
@@ -449,11 +499,16 @@ def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
   bottleneck's Gram matrix ``gram = (sum(a), a^T a)`` instead of another pass over the
   ``C``-wide output. With ``intermediates``, returns ``(h, p, a, u, z)`` instead (the
   bottleneck's input, pre-activation and activation, the up-projection and the gate logits).
+
+  With ``norm`` (a :class:`_Norm`), ``x`` is a BatchNorm's input and the gate's input is
+  ``norm.apply(x)``, computed only inside element-wise fusions: the down-projection takes ``x``
+  with the BatchNorm folded into its kernel, so the normalised activation is never written
+  (measured 4% off the ResNet-20 train step).
   """
   kd, bd, g1, b1, ku, bu, g2, b2 = params
   dtype = kd.dtype
   rows = x.size // x.shape[-1]
-  h = _dense(x.astype(dtype), kd, bd)
+  h = _dense(x.astype(dtype), kd, bd) if norm is None else norm.project(x, kd, bd)
   if stats is None:
     m1 = _colsum(h) / rows
     v1 = jnp.maximum(0.0, jnp.diagonal(_tdot(h, h)) / rows - jnp.square(m1))
@@ -475,25 +530,29 @@ def _forward(x, params, stats, *, epsilon, inner_relu, intermediates=False):
   z = _normalize(u, m2, v2, g2, b2, epsilon, dtype)
   if intermediates:
     return h, p, a, u, z
-  s = jax.nn.sigmoid(z).astype(x.dtype)
-  y = x * s
+  xin = x if norm is None else norm.apply(x)
+  s = jax.nn.sigmoid(z).astype(xin.dtype)
+  y = xin * s
   return y, ((m1, v1, m2, v2) if stats is None else None), gram
 
 
-def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_stats):
+def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_stats,
+              norm=None):
   """Cotangents ``(dx, dparams, dstats_in or None)``, recomputing the bottleneck from ``x``.
 
   ``dstats`` are the cotangents of the returned batch statistics (None where zero). The
   BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
   up-projection's weight gradient), so the ``C``-wide gradient of the up-projection's output is
-  never materialised: ``da = dz (A2 * Wu)^T + a (Wu diag(c1) Wu^T) + r``.
+  never materialised: ``da = dz (A2 * Wu)^T + a (Wu diag(c1) Wu^T) + r``. With ``norm`` (see
+  :func:`_forward`), ``dx`` is the cotangent of the BatchNorm's output.
   """
   kd, bd, g1, b1, ku, bu, g2, b2 = params
   m1, v1, m2, v2 = stats
   dmean1, dvar1, dmean2, dvar2 = dstats
   dtype, f32 = kd.dtype, _f32(kd.dtype)
   h, _, a, u, z = _forward(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
-                           intermediates=True)
+                           intermediates=True, norm=norm)
+  xin = x if norm is None else norm.apply(x)
   rows = x.size // x.shape[-1]
   cast = lambda v: None if v is None else v.astype(f32)
   ku32, bu32 = cast(ku), cast(bu)
@@ -501,8 +560,8 @@ def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_
   z32 = z.astype(f32)
   # The gate's derivative through tanh and dy * gate (below) through exp: the two share no
   # transcendental, so XLA fuses each into its consumer instead of writing exp(-z) out.
-  s32 = (0.5 * jnp.tanh(0.5 * z32) + 0.5).astype(x.dtype).astype(f32)
-  dz = dy2 * x.astype(f32) * (s32 * (1 - s32))
+  s32 = (0.5 * jnp.tanh(0.5 * z32) + 0.5).astype(xin.dtype).astype(f32)
+  dz = dy2 * xin.astype(f32) * (s32 * (1 - s32))
 
   # Up BatchNorm: z = (u - m2) * rs2 * g2 + b2, u = a @ Wu + bu.
   rs2 = lax.rsqrt(v2 + epsilon)
@@ -547,12 +606,12 @@ def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_
     dm1, dv1 = -a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc
   dh = dh.astype(dtype)
   dbd = None if bd is None else _colsum(dh)
-  dkd = _tdot(x.astype(dtype), dh)
+  dkd = _tdot(x.astype(dtype), dh) if norm is None else norm.tdot(x, dh)
   # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
   # dx is written once instead of being re-derived (with everything it reads kept alive) inside
   # each consumer, through the whole chain of units of a network.
   gate_dy = dy2 / (1.0 + jnp.exp(-z32))
-  dx = (jnp.dot(dh, kd.T).astype(f32) + gate_dy).astype(x.dtype)
+  dx = (jnp.dot(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
   like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
   dparams = (like(dkd, kd), like(dbd, bd), like(dg1, g1), like(db1, b1), like(dku, ku),
              like(dbu, bu), like(dg2, g2), like(db2, b2))
