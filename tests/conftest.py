@@ -28,6 +28,21 @@ def small_quickstart_config(**overrides):
   return config
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path, expected_size):
+  """``path`` is a valid PNG of ``expected_size`` (width, height) pixels and under 300 kB."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE
+  with Image.open(path) as img:
+    img.verify()
+  with Image.open(path) as img:
+    assert img.size == expected_size
+  assert os.path.getsize(path) < 300_000
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """One small ATAC run on 8 fake devices, shared by the checkpoint/eval/viz tests (read-only)."""

@@ -7,13 +7,11 @@ import sys
 
 import jax
 import pytest
-from PIL import Image
 
 from train import compare, plots, trainer
-from conftest import small_quickstart_config
+from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # A hand-written run: eval accuracy peaks at epoch 2 (ties at 3), then drops.
 HAND_RECORDS = [
@@ -57,16 +55,6 @@ def hand_run(tmp_path):
   return str(path)
 
 
-def _check_png(path, expected_size):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_SIGNATURE
-  with Image.open(path) as img:
-    img.verify()
-  with Image.open(path) as img:
-    assert img.size == expected_size
-  assert os.path.getsize(path) < 300_000
-
-
 def test_summary_of_known_records(hand_run):
   summary = compare.summarize_run(hand_run)
   assert summary == {
@@ -83,7 +71,7 @@ def test_cli_plots_runs_on_shared_axes(workdir, hand_run, tmp_path, capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2
   trained, hand = (json.loads(line) for line in lines)
-  _check_png(out, (720, 280))  # 9 x 3.5 inches at 80 dpi
+  check_png(out, (720, 280))  # 9 x 3.5 inches at 80 dpi
 
   # The trained run's summary agrees with its metrics.jsonl, read independently.
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -105,7 +93,7 @@ def test_default_labels_and_size_of_plot_learning_curves(workdir, hand_run, tmp_
   assert compare.main([workdir, hand_run, "--out", out]) == 0
   labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
   assert labels == ["atac_run", "relu_run"]
-  _check_png(out, (1000, 400))  # plots.plot_learning_curves' default 10 x 4 inches, 100 dpi
+  check_png(out, (1000, 400))  # plots.plot_learning_curves' default 10 x 4 inches, 100 dpi
   assert compare.run_labels(["a/run", "b/run"], None) == ["a/run", "b/run"]
   assert plots.read_metrics(hand_run) == HAND_RECORDS
 

@@ -16,10 +16,9 @@ from PIL import Image
 from atac_jax import checkpoint
 from atac_jax.layers import ATAC, SE, XUnit, get_activation
 from train import data, trainer, viz
-from conftest import small_quickstart_config
+from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +65,6 @@ def _unit_calls(model, variables, image, unit_types):
   with nn.intercept_methods(record):
     model.apply(jax.device_get(variables), image[None], train=False)
   return calls
-
-
-def _check_png(path, expected_size):
-  with open(path, "rb") as f:
-    assert f.read(8) == PNG_SIGNATURE
-  with Image.open(path) as img:
-    img.verify()
-  with Image.open(path) as img:
-    assert img.size == expected_size
-  assert os.path.getsize(path) < 300_000
 
 
 def _expected_size(num_panels, dpi=100, **kwargs):
@@ -163,7 +152,7 @@ def test_arelu_slopes_and_panel(tmp_path):
     assert negative == pytest.approx(0.9) and positive == pytest.approx(1.8807970779778822)
   out = str(tmp_path / "arelu.png")
   size = viz.draw_gate_grid(image + 0.5, gates, out, slopes=slopes)
-  _check_png(out, _expected_size(1, with_slopes=True))
+  check_png(out, _expected_size(1, with_slopes=True))
   assert size == _expected_size(1, with_slopes=True)
 
 
@@ -198,7 +187,7 @@ def test_cli_draws_one_panel_per_unit(loaded, workdir, tmp_path, capsys):
   assert viz.main(["--workdir", workdir, "--dataset-index", "3", "--out", out]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["units"] == num_units and result["act"] == "atac" and result["label"] is not None
-  _check_png(out, _expected_size(1 + num_units))
+  check_png(out, _expected_size(1 + num_units))
   assert result["size"] == list(_expected_size(1 + num_units))
   assert all(0.0 < v < 1.0 for v in result["mean_gate"].values())
 
@@ -208,7 +197,7 @@ def test_cli_draws_one_panel_per_unit(loaded, workdir, tmp_path, capsys):
   assert viz.main(["--workdir", workdir, "--image", image, "--reduce", "top-channel",
                    "--max-cols", "4", "--out", out2]) == 0
   assert json.loads(capsys.readouterr().out)["label"] is None
-  _check_png(out2, _expected_size(1 + num_units, max_cols=4))
+  check_png(out2, _expected_size(1 + num_units, max_cols=4))
 
 
 def test_errors_are_clear(workdir, tmp_path, capsys):
