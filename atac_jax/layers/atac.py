@@ -129,26 +129,26 @@ class ATAC(nn.Module):
     compute_dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     cast = lambda *arrays: tuple(None if a is None else jnp.asarray(a, compute_dtype)
                                  for a in arrays)
+    batch_norm = lambda features, name: BatchNormVariables(
+        features, momentum=self.momentum, epsilon=self.epsilon, param_dtype=self.param_dtype,
+        name=name)
     kd, bd = _PointwiseVars(hidden, self.use_bias, self.param_dtype, name="conv_down")(channels)
-    g1, b1, *running1 = _BatchNormVars(self.param_dtype, name="bn_down")(hidden)
+    bn_down = batch_norm(hidden, "bn_down")
     ku, bu = _PointwiseVars(channels, self.use_bias, self.param_dtype, name="conv_up")(hidden)
-    g2, b2, *running2 = _BatchNormVars(self.param_dtype, name="bn_up")(channels)
-    params = (*cast(kd, bd), g1, b1, *cast(ku, bu), g2, b2)
-    running = (*running1, *running2)
+    bn_up = batch_norm(channels, "bn_up")
+    params = (*cast(kd, bd), bn_down.scale, bn_down.bias, *cast(ku, bu), bn_up.scale, bn_up.bias)
     if not train:
-      return gate(x, params, tuple(v.value for v in running), epsilon=self.epsilon,
-                  inner_relu=self.inner_relu)
+      stats = (bn_down.mean.value, bn_down.var.value, bn_up.mean.value, bn_up.var.value)
+      return gate(x, params, stats, epsilon=self.epsilon, inner_relu=self.inner_relu)
     if norm is None:
       y, batch = gate(x, params, None, epsilon=self.epsilon, inner_relu=self.inner_relu)
     else:
-      norm_scale, norm_bias = norm.affine()
       y, norm_batch, batch = norm_gate(
-          x, (norm_scale, norm_bias), params, norm_epsilon=norm.epsilon, epsilon=self.epsilon,
+          x, (norm.scale, norm.bias), params, norm_epsilon=norm.epsilon, epsilon=self.epsilon,
           inner_relu=self.inner_relu, dtype=compute_dtype)
       norm.update(norm_batch)
-    if not self.is_initializing():
-      for variable, value in zip(running, batch):
-        variable.value = self.momentum * variable.value + (1 - self.momentum) * value
+    bn_down.update(batch[:2])
+    bn_up.update(batch[2:])
     return y
 
 
@@ -168,30 +168,13 @@ class _PointwiseVars(nn.Module):
     return kernel[0, 0], bias
 
 
-class _BatchNormVars(nn.Module):
-  """The variables of an ``nn.BatchNorm`` over ``features`` channels, created in its order.
-
-  Returns ``(scale, bias, mean, var)``: the parameters' values and the running-statistics
-  variables.
-  """
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, features: int):
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-    var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-    return scale, bias, mean, var
-
-
 class BatchNormVariables(nn.Module):
   """The variables of an ``nn.BatchNorm`` (last axis, scale and bias), for :class:`ATAC`'s ``norm``.
 
   Created under the name the ``nn.BatchNorm`` would have, it holds the very same variables
   (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``; same shapes, initial
   values and creation order), so checkpoints do not change when a host network fuses its
-  BatchNorm into the following ATAC unit.
+  BatchNorm into the following ATAC unit. ATAC's own ``bn_down`` and ``bn_up`` are these too.
 
   Attributes:
     features: channels (the input's last axis).
@@ -212,10 +195,6 @@ class BatchNormVariables(nn.Module):
     self.var = self.variable("batch_stats", "var", lambda: jnp.ones(f, jnp.float32))
     self.scale = self.param("scale", nn.initializers.ones, f, self.param_dtype)
     self.bias = self.param("bias", nn.initializers.zeros, f, self.param_dtype)
-
-  def affine(self) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``(scale, bias)``."""
-    return self.scale, self.bias
 
   def update(self, batch: tuple[jnp.ndarray, jnp.ndarray]) -> None:
     """Moves the running averages towards the batch's ``(mean, var)`` (not during init)."""
