@@ -340,6 +340,18 @@ class _Norm(NamedTuple):
     return mul[:, None] * _tdot(x.astype(self.dtype), d) + jnp.outer(shift, _colsum(d))
 
 
+def _batch_norm_input_terms(a, rs, sum_d, sum_d_centered, rows, dmean, dvar):
+  """``(c0, c1)`` of a training-mode BatchNorm's input gradient ``dx = a * d + c0 + c1 * xc``.
+
+  For ``p = xc * rs * g + b`` (``xc = x - mean``, ``rs = rsqrt(var + eps)``, ``a = rs * g``) with
+  output cotangent ``d``: ``sum_d = sum(d)``, ``sum_d_centered = sum(d * xc)`` over the rows;
+  ``dmean``, ``dvar`` are the cotangents of the returned batch statistics (None where zero).
+  """
+  c0 = -a * sum_d / rows + (0.0 if dmean is None else dmean / rows)
+  c1 = -a * rs * rs * sum_d_centered / rows + (0.0 if dvar is None else 2.0 * dvar / rows)
+  return c0, c1
+
+
 def _batch_norm_backward(x, norm_params, stats, dp, dstats, *, epsilon):
   """``(dx, dscale, dbias)`` of a training-mode BatchNorm ``p = (x - m) rs g + b``.
 
@@ -358,8 +370,7 @@ def _batch_norm_backward(x, norm_params, stats, dp, dstats, *, epsilon):
   xc = x.astype(f32) - mean
   sum_dp = _colsum(dp)
   sum_dp_xc = _colsum(dp * xc)
-  e0 = -a * sum_dp / rows + (0.0 if dmean is None else dmean / rows)
-  e1 = -a * rs * rs * sum_dp_xc / rows + (0.0 if dvar is None else 2.0 * dvar / rows)
+  e0, e1 = _batch_norm_input_terms(a, rs, sum_dp, sum_dp_xc, rows, dmean, dvar)
   dx = (a * dp + e0 + e1 * xc).astype(x.dtype).reshape(shape)
   return dx, (sum_dp_xc * rs).astype(scale.dtype), sum_dp.astype(bias.dtype)
 
@@ -551,8 +562,7 @@ def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_
   sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
   dg2, db2 = sum_dz_uc * rs2, sum_dz
   if batch_stats:  # du = a2 * dz + c0 + c1 * uc
-    c0 = -a2 * sum_dz / rows + (0.0 if dmean2 is None else dmean2 / rows)
-    c1 = -a2 * rs2 * rs2 * sum_dz_uc / rows + (0.0 if dvar2 is None else 2.0 * dvar2 / rows)
+    c0, c1 = _batch_norm_input_terms(a2, rs2, sum_dz, sum_dz_uc, rows, dmean2, dvar2)
     sum_a, gram_a = gram
     a_uc = gram_a @ ku32 + jnp.outer(sum_a, shift_u)  # a^T uc
     dku = a2 * g_adz + jnp.outer(sum_a, c0) + c1 * a_uc
@@ -576,8 +586,7 @@ def _backward(x, params, stats, gram, dy, dstats, *, epsilon, inner_relu, batch_
   sum_da_hc = jnp.diagonal(_tdot(da, h)) - m1 * sum_da
   dg1, db1 = sum_da_hc * rs1, sum_da
   if batch_stats:
-    e0 = -a1 * sum_da / rows + (0.0 if dmean1 is None else dmean1 / rows)
-    e1 = -a1 * rs1 * rs1 * sum_da_hc / rows + (0.0 if dvar1 is None else 2.0 * dvar1 / rows)
+    e0, e1 = _batch_norm_input_terms(a1, rs1, sum_da, sum_da_hc, rows, dmean1, dvar1)
     dh = a1 * da + e0 + e1 * (h.astype(f32) - m1)
     dm1 = dv1 = None
   else:
