@@ -95,7 +95,7 @@ class ATAC(nn.Module):
     _checks.check_positive(self.epsilon, option="epsilon", layer="ATAC")
     channels = x.shape[-1]
     hidden = _checks.bottleneck_width(channels, self.reduction, layer="ATAC")
-    fuse = norm is not None and self.memory_lean and not self.use_global and train
+    fuse = norm is not None and self.fuses_norm(train=train)
     if norm is not None and not fuse:
       x = norm.normalize(x, train=train)
     if self.dtype is not None:
@@ -118,6 +118,13 @@ class ATAC(nn.Module):
                       param_dtype=self.param_dtype, name="conv_up")(h)
     h = batch_norm("bn_up")(h)
     return x * nn.sigmoid(h).astype(x.dtype)
+
+  def fuses_norm(self, *, train: bool) -> bool:
+    """Whether a ``norm`` given to this unit joins its custom gradient (else it runs before it).
+
+    True for a memory-lean point-wise unit in training.
+    """
+    return train and self.memory_lean and not self.use_global
 
   def _lean(self, x: jnp.ndarray, hidden: int, *, train: bool,
             norm: BatchNormVariables | None = None) -> jnp.ndarray:

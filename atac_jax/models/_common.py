@@ -65,7 +65,7 @@ def norm_act(x: Any, *, norm: ModuleDef, act: ActivationFactory, norm_name: str,
   """
   unit = act(name=act_name)
   spec = norm(parent=None)
-  fusable = (train and isinstance(unit, ATAC) and unit.memory_lean and not unit.use_global
+  fusable = (isinstance(unit, ATAC) and unit.fuses_norm(train=train)
              and type(spec) is nn.BatchNorm  # pylint: disable=unidiomatic-typecheck
              and spec.use_running_average is False and spec.axis == -1
              and spec.use_scale and spec.use_bias and spec.axis_name is None
