@@ -290,6 +290,20 @@ def test_fused_batch_norm_equals_batch_norm_then_unit(train, inner_relu, use_bia
     _assert_close_to_scale(got, want)
 
 
+@pytest.mark.parametrize("norm_kwargs,match", [
+    ({"features": 4}, r"norm has features=4 but the input has 8 channels"),
+    ({"features": 8, "momentum": 1.0}, r"BatchNormVariables: momentum must be in \[0, 1\)"),
+    ({"features": 8, "epsilon": -1.0}, "BatchNormVariables: epsilon must be a number > 0"),
+])
+def test_fused_batch_norm_bad_input(norm_kwargs, match):
+  class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return ATAC(name="act")(x, train=True, norm=BatchNormVariables(**norm_kwargs, name="bn"))
+  with pytest.raises(ValueError, match=match):
+    Pair().init(jax.random.key(0), jnp.zeros((2, 4, 4, 8)))
+
+
 def test_fused_batch_norm_bfloat16_close_to_unfused():
   x = np.random.RandomState(9).normal(0.5, 3.0, size=(4, 6, 6, 16)).astype(np.float32)
   fused, composed = (_NormThenATAC(f, dtype=jnp.bfloat16) for f in (True, False))

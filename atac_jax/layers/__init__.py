@@ -9,7 +9,7 @@ from atac_jax.layers.awconv import AWConv, KernelAttention, adaptive_avg_pool, p
 from atac_jax.layers.pointwise import PointwiseConv
 
 __all__ = [
-    "ATAC", "AReLU", "AWConv", "BatchNormVariables", "Elementwise", "KernelAttention", "PReLU", "PointwiseConv", "SE",
-    "XUnit", "activation_options", "adaptive_avg_pool", "available_activations", "get_activation",
-    "mish", "per_sample_conv",
+    "ATAC", "AReLU", "AWConv", "BatchNormVariables", "Elementwise", "KernelAttention", "PReLU",
+    "PointwiseConv", "SE", "XUnit", "activation_options", "adaptive_avg_pool",
+    "available_activations", "get_activation", "mish", "per_sample_conv",
 ]

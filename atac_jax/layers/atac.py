@@ -95,6 +95,9 @@ class ATAC(nn.Module):
     _checks.check_positive(self.epsilon, option="epsilon", layer="ATAC")
     channels = x.shape[-1]
     hidden = _checks.bottleneck_width(channels, self.reduction, layer="ATAC")
+    if norm is not None and norm.features != channels:
+      raise ValueError(f"ATAC: norm has features={norm.features} but the input has {channels} "
+                       f"channels; accepted: BatchNormVariables(features=x.shape[-1]).")
     fuse = norm is not None and self.fuses_norm(train=train)
     if norm is not None and not fuse:
       x = norm.normalize(x, train=train)
@@ -197,6 +200,9 @@ class BatchNormVariables(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
+    _checks.check_positive_int(self.features, option="features", layer="BatchNormVariables")
+    _checks.check_momentum(self.momentum, layer="BatchNormVariables")
+    _checks.check_positive(self.epsilon, option="epsilon", layer="BatchNormVariables")
     f = (self.features,)
     self.mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(f, jnp.float32))
     self.var = self.variable("batch_stats", "var", lambda: jnp.ones(f, jnp.float32))
