@@ -127,7 +127,7 @@ def test_jit_grad_vmap():
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
-    ({}, (4, 4, 8), "rank-4"),
+    ({}, (8,), "rank >= 2"),
     ({"reduction": 3}, (1, 4, 4, 8), "do not fit reduction=3"),
     ({"reduction": 0}, (1, 4, 4, 8), "reduction must be an integer >= 1"),
     ({"momentum": 1.5}, (1, 4, 4, 8), r"momentum must be in \[0, 1\)"),

@@ -3,7 +3,8 @@
 from atac_jax.layers.activations import (Elementwise, PReLU, activation_options,
                                          available_activations, get_activation, mish)
 from atac_jax.layers.arelu import AReLU
-from atac_jax.layers.atac import ATAC, BatchNormVariables
+from atac_jax.layers.atac import ATAC
+from atac_jax.layers.batch_norm import BatchNormVariables
 from atac_jax.layers.attention import SE, XUnit
 from atac_jax.layers.awconv import AWConv, KernelAttention, adaptive_avg_pool, per_sample_conv
 from atac_jax.layers.pointwise import PointwiseConv

@@ -47,3 +47,12 @@ def bottleneck_width(channels: int, reduction: int, *, layer: str) -> int:
         f"the channel count (or exceed it, giving a width-1 bottleneck). Divisors of {channels}: "
         f"{[d for d in range(1, channels + 1) if channels % d == 0]}.")
   return max(channels // reduction, 1)
+
+
+def check_min_rank(x: Any, *, min_rank: int, layer: str) -> None:
+  """Raises ValueError unless ``x`` is channels-last with at least ``min_rank`` dimensions."""
+  ndim = getattr(x, "ndim", None)
+  if ndim is None or ndim < min_rank:
+    raise ValueError(
+        f"{layer} expects channels-last input of rank >= {min_rank} ((N, C), (N, L, C), "
+        f"(N, H, W, C), (N, D, H, W, C), ...), got shape {getattr(x, 'shape', None)}.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from atac_jax.layers import ATAC, BatchNormVariables, activation_options, get_activation
@@ -51,33 +53,48 @@ def activation_factory(act: str, *, reduction: int | None, dtype: Any, param_dty
   return functools.partial(get_activation, act, **options)
 
 
-def norm_act(x: Any, *, norm: ModuleDef, act: ActivationFactory, norm_name: str, act_name: str,
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+  """The host network's BatchNorm settings; calling it makes the ``nn.BatchNorm``.
+
+  ``spec(name=...)`` is ``nn.BatchNorm(use_running_average=not train, momentum=..., ...)``
+  (keyword overrides allowed, e.g. ``scale_init``); :func:`norm_act` uses the same settings to
+  create :class:`~atac_jax.layers.BatchNormVariables` when it fuses the BatchNorm into ATAC.
+  """
+  train: bool
+  momentum: float
+  epsilon: float
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __call__(self, **overrides: Any) -> nn.BatchNorm:
+    options = dict(use_running_average=not self.train, momentum=self.momentum,
+                   epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    options.update(overrides)
+    return nn.BatchNorm(**options)
+
+  def variables(self, features: int, *, name: str) -> BatchNormVariables:
+    """The same BatchNorm's variables, for an op that fuses the normalisation."""
+    return BatchNormVariables(features, momentum=self.momentum, epsilon=self.epsilon,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+def norm_act(x: Any, *, norm: NormSpec, act: ActivationFactory, norm_name: str, act_name: str,
              train: bool) -> Any:
   """``act(norm(x))``: a BatchNorm and the activation that follows it, inside a parent module.
 
-  Makes ``norm(name=norm_name)`` and ``act(name=act_name)``. In training, when the activation
-  is a memory-lean point-wise :class:`~atac_jax.layers.ATAC` unit and ``norm`` a plain
-  ``nn.BatchNorm`` factory (last axis, scale and bias, default initialisers), the BatchNorm is
-  handed to the unit as :class:`~atac_jax.layers.BatchNormVariables` of the same name and the
-  unit fuses it into its custom gradient: the pair keeps only the BatchNorm's input for the
-  backward pass, as a BatchNorm + ReLU pair does. The variables, outputs and gradients are
-  those of the unfused pair, which evaluation (and every other activation) uses.
+  Makes the BatchNorm ``norm_name`` and the activation ``act(name=act_name)``. When the
+  activation is an :class:`~atac_jax.layers.ATAC` unit that fuses a preceding BatchNorm
+  (``unit.fuses_norm(train=...)``: memory-lean, point-wise, in training), the BatchNorm is handed
+  to it as :class:`~atac_jax.layers.BatchNormVariables` made from the same :class:`NormSpec`, and
+  the pair keeps only the BatchNorm's input for the backward pass, as BatchNorm + ReLU does. The
+  variables, outputs and gradients are those of the unfused pair, which evaluation (and every
+  other activation) uses.
   """
   unit = act(name=act_name)
-  spec = norm(parent=None)
-  fusable = (isinstance(unit, ATAC) and unit.fuses_norm(train=train)
-             and type(spec) is nn.BatchNorm  # pylint: disable=unidiomatic-typecheck
-             and spec.use_running_average is False and spec.axis == -1
-             and spec.use_scale and spec.use_bias and spec.axis_name is None
-             and spec.scale_init is nn.initializers.ones
-             and spec.bias_init is nn.initializers.zeros
-             and getattr(spec, "use_fast_variance", True)
-             and getattr(spec, "force_float32_reductions", True))
-  if not fusable:
-    return unit(norm(name=norm_name)(x), train=train)
-  variables = BatchNormVariables(x.shape[-1], momentum=spec.momentum, epsilon=spec.epsilon,
-                                 dtype=spec.dtype, param_dtype=spec.param_dtype, name=norm_name)
-  return unit(x, train=train, norm=variables)
+  if isinstance(unit, ATAC) and unit.fuses_norm(train=train):
+    return unit(x, train=train, norm=norm.variables(x.shape[-1], name=norm_name))
+  return unit(norm(name=norm_name)(x), train=train)
 
 
 def placement_factories(chosen: ActivationFactory, flags: tuple[bool, ...]

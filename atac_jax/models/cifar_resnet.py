@@ -123,8 +123,7 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     conv = functools.partial(nn.Conv, use_bias=False, padding=((1, 1), (1, 1)),
                              kernel_init=_common.he_normal, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
-                             epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype)
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
                                         param_dtype=self.param_dtype, act_options=self.act_options)
     flags = tuple(stage_uses_act(i, self.act_layers) for i in range(len(WIDTHS)))

@@ -189,8 +189,7 @@ class ResNet(nn.Module, kw_only=True):
     awconv = functools.partial(AWConv, padding=1, reduction=self.awconv_reduction,
                                kernel_init=_common.he_normal, dtype=self.dtype,
                                param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum,
-                             epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype)
     last_norm = functools.partial(norm, scale_init=nn.initializers.zeros_init()) \
         if self.zero_init_last_bn else norm
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,

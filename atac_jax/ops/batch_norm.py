@@ -1,0 +1,83 @@
+"""Training-mode BatchNorm over the last axis: statistics, normalisation and its calculus."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from atac_jax.ops import reductions
+from atac_jax.ops.types import Affine, Moments
+
+
+def moments(x: jax.Array, *, axis_name: Any = None, plain: bool = False) -> Moments:
+  """``nn.BatchNorm``'s batch statistics over all but the last axis (fast variance).
+
+  ``E[x^2] - E[x]^2`` clipped at 0, accumulated in float32; with ``axis_name`` the sums are
+  taken over the named (``shard_map``/``pmap``) axis too, so the statistics are global.
+  ``plain`` sums with ``jnp.sum`` (XLA fuses the squares into the reduction) instead of the
+  policy's :func:`~atac_jax.ops.reductions.colsum`.
+  """
+  x32 = reductions.rows(x).astype(reductions.acc_dtype(x.dtype))
+  count = jnp.asarray(x32.shape[0], x32.dtype)
+  total = (lambda a: jnp.sum(a, axis=0)) if plain else reductions.colsum
+  sums = (total(x32), total(jnp.square(x32)), count)
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name)
+  total, total_sq, count = sums
+  mean = total / count
+  return Moments(mean, jnp.maximum(0.0, total_sq / count - jnp.square(mean)))
+
+
+def scale_shift(stats: Moments, affine: Affine, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """``(mul, shift)`` with ``normalize(x) = x * mul + shift``."""
+  mul = lax.rsqrt(stats.var + epsilon) * affine.scale
+  return mul, affine.bias - stats.mean * mul
+
+
+def normalize(x: jax.Array, stats: Moments, affine: Affine, *, epsilon: float,
+              dtype: Any) -> jax.Array:
+  """``(x - mean) * rsqrt(var + eps) * scale + bias`` in ``nn.BatchNorm``'s order of ops."""
+  mul = lax.rsqrt(stats.var + epsilon) * affine.scale
+  return (((x - stats.mean) * mul) + affine.bias).astype(dtype)
+
+
+def input_gradient_terms(a: jax.Array, rs: jax.Array, sum_d: jax.Array,
+                         sum_d_centered: jax.Array, count, dstats: Moments | None
+                         ) -> tuple[jax.Array, jax.Array]:
+  """``(c0, c1)`` of a training-mode BatchNorm's input gradient ``dx = a * d + c0 + c1 * xc``.
+
+  For ``p = xc * rs * g + b`` (``xc = x - mean``, ``rs = rsqrt(var + eps)``, ``a = rs * g``) with
+  output cotangent ``d``: ``sum_d = sum(d)``, ``sum_d_centered = sum(d * xc)`` over the rows;
+  ``dstats`` are the cotangents of the returned batch statistics (None, or None fields, where
+  zero).
+  """
+  dmean, dvar = (None, None) if dstats is None else dstats
+  c0 = -a * sum_d / count + (0.0 if dmean is None else dmean / count)
+  c1 = -a * rs * rs * sum_d_centered / count + (0.0 if dvar is None else 2.0 * dvar / count)
+  return c0, c1
+
+
+def backward(x: jax.Array, affine: Affine, stats: Moments, dp: jax.Array,
+             dstats: Optional[Moments], *, epsilon: float) -> tuple[jax.Array, Affine]:
+  """``(dx, daffine)`` of a training-mode BatchNorm ``p = (x - mean) rs g + b``.
+
+  ``stats`` are the batch moments of ``x``; ``dstats`` their cotangents (None where zero).
+  Sums are centred (``sum(dp * (x - mean))``), so offsets in ``x`` do not cancel.
+  """
+  acc = reductions.acc_dtype(x.dtype)
+  shape = x.shape
+  x2 = reductions.rows(x)
+  dp = reductions.rows(dp).astype(acc)
+  count = x2.shape[0]
+  rs = lax.rsqrt(stats.var + epsilon)
+  a = rs * affine.scale
+  xc = x2.astype(acc) - stats.mean
+  sum_dp = reductions.colsum(dp)
+  sum_dp_xc = reductions.colsum(dp * xc)
+  c0, c1 = input_gradient_terms(a, rs, sum_dp, sum_dp_xc, count, dstats)
+  dx = (a * dp + c0 + c1 * xc).astype(x.dtype).reshape(shape)
+  return dx, Affine((sum_dp_xc * rs).astype(affine.scale.dtype),
+                    sum_dp.astype(affine.bias.dtype))

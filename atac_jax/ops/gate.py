@@ -1,0 +1,82 @@
+"""The ATAC gate ops the Flax modules call, dispatching to an implementation.
+
+Implementations (``impl``):
+
+* ``"reference"`` -- plain JAX (:mod:`atac_jax.ops.reference`); JAX differentiates it in every
+  mode (reverse, forward: ``jvp``/``jacfwd``/``linearize``, higher order).
+* ``"lean"`` -- one custom VJP that recomputes the bottleneck in the backward pass
+  (:mod:`atac_jax.ops.lean`); reverse mode only (``grad``, ``vjp``, grad-of-grad); same values,
+  gradients and statistics.
+* ``"auto"`` -- the per-backend default of :mod:`atac_jax.ops.policy` (``"lean"`` on every
+  backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics).
+
+Inference (``stats`` given) uses the reference under ``"auto"``: nothing is kept for a backward
+pass in inference, and the reference is differentiable in every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+
+from atac_jax.ops import lean, policy, reference
+from atac_jax.ops.types import Affine, GateParams, GateStats, Moments
+
+IMPLS = ("auto", "lean", "reference")
+
+
+def resolve_impl(impl: str, *, train: bool, axis_name: Any = None) -> str:
+  """The implementation ``impl`` stands for: 'lean' or 'reference'.
+
+  Raises:
+    ValueError: for an unknown ``impl``, or ``'lean'`` with an ``axis_name``.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown gate impl {impl!r}; accepted: {list(IMPLS)}.")
+  if impl == "lean" and axis_name is not None:
+    raise ValueError("impl='lean' computes batch statistics on one device; with axis_name="
+                     f"{axis_name!r} use impl='reference' or 'auto'.")
+  if impl != "auto":
+    return impl
+  if axis_name is not None or not train:
+    return "reference"
+  return policy.choice("gate_impl")
+
+
+def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
+         epsilon: float, inner_relu: bool, impl: str = "auto", axis_name: Any = None):
+  """``x * sigmoid(BN(up(relu(BN(down(x))))))`` over the last axis of ``x`` (any rank >= 2).
+
+  Args:
+    x: ``(..., C)`` input in the compute dtype.
+    params: the gate's parameters.
+    stats: running statistics (inference), or None for batch statistics (training).
+    epsilon: BatchNorm epsilon.
+    inner_relu: ReLU between the projections.
+    impl: 'auto', 'lean' or 'reference' (see the module docstring).
+    axis_name: ``shard_map``/``pmap`` axis over which batch statistics are global.
+
+  Returns:
+    With ``stats``: ``y``. Without: ``(y, GateStats)``, the batch moments (float32).
+  """
+  chosen = resolve_impl(impl, train=stats is None, axis_name=axis_name)
+  if chosen == "lean":
+    return lean.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu)
+  return reference.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
+                        axis_name=axis_name)
+
+
+def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
+              epsilon: float, inner_relu: bool, dtype: Any, impl: str = "auto",
+              axis_name: Any = None) -> tuple[jax.Array, Moments, GateStats]:
+  """``gate(BN(x))`` with a training-mode BatchNorm of affine ``norm``.
+
+  Returns:
+    ``(y, moments of x, gate batch moments)``.
+  """
+  chosen = resolve_impl(impl, train=True, axis_name=axis_name)
+  fn = lean.norm_gate if chosen == "lean" else reference.norm_gate
+  kwargs = {} if chosen == "lean" else {"axis_name": axis_name}
+  return fn(x, norm, params, norm_epsilon=norm_epsilon, epsilon=epsilon, inner_relu=inner_relu,
+            dtype=dtype, **kwargs)

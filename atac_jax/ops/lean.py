@@ -1,0 +1,378 @@
+"""The memory-lean ATAC gate: one custom VJP that recomputes the bottleneck in the backward pass.
+
+Plain autodiff of :mod:`atac_jax.ops.reference` keeps ~4 activation-sized intermediates per
+unit (bottleneck output, normalised values, gate, ...). :func:`gate` keeps only the unit's input
+(which the caller keeps anyway), its parameters, the per-channel statistics and the bottleneck's
+small Gram matrix, and recomputes the bottleneck from the input. The backward pass is the exact
+BatchNorm/sigmoid chain rule (batch statistics included, also for cotangents flowing into the
+returned statistics); gradients and statistics equal the reference's to rounding.
+
+:func:`norm_gate` makes a preceding training-mode BatchNorm part of the same op: in a
+pre-activation network the BatchNorm's output is the gate's input, and composing the two would
+keep both the BatchNorm's input (for its gradient) and its output (the gate's residual). Here the
+output is recomputed from the input, so a BatchNorm -> ATAC pair keeps what BatchNorm -> ReLU keeps.
+
+Everything here is reverse mode only (``jax.custom_vjp``); :mod:`atac_jax.ops.gate` chooses.
+:func:`forward` and :func:`backward` are the two halves, importable and testable alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from atac_jax.ops import batch_norm, policy, reductions
+from atac_jax.ops.reductions import acc_dtype, colsum, tdot
+from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static options of the gate (hashable: a ``nondiff_argnums`` argument)."""
+  epsilon: float
+  inner_relu: bool
+
+
+class Gram(NamedTuple):
+  """Column sums and Gram matrix ``a^T a`` of the bottleneck activation ``a`` (float32)."""
+  total: jax.Array
+  matrix: jax.Array
+
+
+class FoldedNorm(NamedTuple):
+  """A training-mode BatchNorm ``p = x * mul + shift`` used as the gate's input without writing p.
+
+  ``p @ W = x @ (mul W) + shift @ W`` and ``p^T d = mul (x^T d) + shift sum(d)``: the
+  normalisation folds into the down-projection and its weight gradient; element-wise uses
+  recompute ``p`` inside their fusions. With ``fold=False`` the normalised input is computed
+  once and used as is (what bfloat16 needs: the folded kernel lost precision there, bn_down
+  gradients 5% off float32 against 1% for the composed pair).
+  """
+  stats: Moments
+  affine: Affine
+  epsilon: float
+  dtype: Any
+
+  def apply(self, x):
+    return batch_norm.normalize(x, self.stats, self.affine, epsilon=self.epsilon,
+                                dtype=self.dtype)
+
+  def project(self, x, projection: Projection):
+    mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
+    k32 = projection.kernel.astype(mul.dtype)
+    bias = shift @ k32 + (0.0 if projection.bias is None else projection.bias.astype(mul.dtype))
+    # Accumulated and shifted in float32, then rounded once.
+    h = jnp.dot(x.astype(self.dtype), (mul[:, None] * k32).astype(self.dtype),
+                preferred_element_type=acc_dtype(self.dtype))
+    return (h + bias).astype(self.dtype)
+
+  def tdot(self, x, d):
+    mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
+    return mul[:, None] * tdot(x.astype(self.dtype), d) + jnp.outer(shift, colsum(d))
+
+
+def _project(x, projection: Projection, norm: Optional[FoldedNorm]):
+  if norm is not None:
+    return norm.project(x, projection)
+  y = jnp.dot(x.astype(projection.kernel.dtype), projection.kernel)
+  return y if projection.bias is None else y + projection.bias
+
+
+class Intermediates(NamedTuple):
+  """The bottleneck recomputed from the input (for the backward pass)."""
+  h: jax.Array  # down-projection
+  a: jax.Array  # bottleneck activation
+  z: jax.Array  # gate logits
+
+
+def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: Config, *,
+            norm: Optional[FoldedNorm] = None, intermediates: bool = False):
+  """The gate: ``(y, batch GateStats or None, Gram or None)`` (or :class:`Intermediates`).
+
+  Batch statistics are ``nn.BatchNorm``'s (mean, fast variance clipped at 0). The down
+  BatchNorm's sums of squares are the diagonal of ``h^T h`` (a matmul), and the up BatchNorm's
+  moments come from the bottleneck's :class:`Gram` (``mean_u = mean_a Wu + bu``,
+  ``var_u = diag(Wu^T cov_a Wu)``) instead of another pass over the ``C``-wide output. With
+  ``norm``, ``x`` is a BatchNorm's input and the gate's input is ``norm.apply(x)``.
+  """
+  p_down, p_up = params.down, params.up
+  dtype = p_down.kernel.dtype
+  count = x.size // x.shape[-1]
+  h = _project(x, p_down, norm)
+  if stats is None:
+    m1 = colsum(h) / count
+    v1 = jnp.maximum(0.0, reductions.diagonal(tdot(h, h)) / count - jnp.square(m1))
+    down = Moments(m1, v1)
+  else:
+    down = stats.down
+  a = batch_norm.normalize(h, down, params.norm_down, epsilon=cfg.epsilon, dtype=dtype)
+  if cfg.inner_relu:
+    a = jax.nn.relu(a)
+  u = _project(a, p_up, None)
+  gram = None
+  if stats is None:
+    gram = Gram(colsum(a), tdot(a, a))
+    mean_a = gram.total / count
+    cov_a = gram.matrix / count - jnp.outer(mean_a, mean_a)
+    ku = p_up.kernel.astype(cov_a.dtype)
+    m2 = mean_a @ ku + (0.0 if p_up.bias is None else p_up.bias.astype(cov_a.dtype))
+    up = Moments(m2, jnp.maximum(0.0, jnp.sum(ku * (cov_a @ ku), axis=0)))
+  else:
+    up = stats.up
+  z = batch_norm.normalize(u, up, params.norm_up, epsilon=cfg.epsilon, dtype=dtype)
+  if intermediates:
+    return Intermediates(h, a, z)
+  xin = x if norm is None else norm.apply(x)
+  y = xin * jax.nn.sigmoid(z).astype(xin.dtype)
+  return y, (GateStats(down, up) if stats is None else None), gram
+
+
+def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[Gram],
+             dy: jax.Array, dstats: Optional[GateStats], cfg: Config, *, batch_stats: bool,
+             norm: Optional[FoldedNorm] = None):
+  """Cotangents ``(dx, dparams, dstats_in or None)``, recomputing the bottleneck from ``x``.
+
+  Args:
+    x: the input (with ``norm``: the BatchNorm's input; ``dx`` is then the cotangent of the
+      BatchNorm's output).
+    params: the parameters.
+    stats: the statistics the forward pass used (batch moments when ``batch_stats``).
+    gram: the forward pass's :class:`Gram` (``batch_stats`` only).
+    dy: the output cotangent.
+    dstats: cotangents of the returned batch moments (None, or None fields, where zero).
+    cfg: static options.
+    batch_stats: whether the forward pass normalised with batch moments (training).
+    norm: a :class:`FoldedNorm` (see :func:`forward`).
+
+  The BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
+  up-projection's weight gradient), so the ``C``-wide gradient of the up-projection's output is
+  never materialised: ``da = dz (A2 Wu)^T + a (Wu diag(c1) Wu^T) + r``. Sums against ``h`` are
+  centred (``sum(da (h - mean))``), so input offsets do not cancel.
+  """
+  kd, bd = params.down
+  ku, bu = params.up
+  g1, g2 = params.norm_down.scale, params.norm_up.scale
+  (m1, v1), (m2, v2) = stats
+  ddown, dup = (None, None) if dstats is None else dstats
+  dtype, f32 = kd.dtype, acc_dtype(kd.dtype)
+  h, a, z = forward(x, params, stats, cfg, norm=norm, intermediates=True)
+  xin = x if norm is None else norm.apply(x)
+  count = x.size // x.shape[-1]
+  cast = lambda v: None if v is None else v.astype(f32)
+  ku32, bu32 = cast(ku), cast(bu)
+  dy2 = dy.astype(f32)
+  z32 = z.astype(f32)
+  s32 = jax.nn.sigmoid(z32).astype(xin.dtype).astype(f32)
+  dz = dy2 * xin.astype(f32) * (s32 * (1 - s32))
+
+  # Up BatchNorm: z = (u - m2) * rs2 * g2 + b2, u = a @ Wu + bu.
+  rs2 = lax.rsqrt(v2 + cfg.epsilon)
+  a2 = rs2 * g2
+  shift_u = -m2 if bu is None else bu32 - m2  # uc = u - m2 = a @ Wu + shift_u
+  sum_dz = colsum(dz)
+  g_adz = tdot(a, dz)  # (K, C): a^T dz
+  sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
+  dg2, db2 = sum_dz_uc * rs2, sum_dz
+  if batch_stats:  # du = a2 * dz + c0 + c1 * uc
+    c0, c1 = batch_norm.input_gradient_terms(a2, rs2, sum_dz, sum_dz_uc, count, dup)
+    a_uc = gram.matrix @ ku32 + jnp.outer(gram.total, shift_u)  # a^T uc
+    dku = a2 * g_adz + jnp.outer(gram.total, c0) + c1 * a_uc
+    sum_uc = gram.total @ ku32 + count * shift_u
+    dbu = None if bu is None else a2 * sum_dz + count * c0 + c1 * sum_uc
+    da = (jnp.dot(dz, (a2 * ku32).T) + jnp.dot(a.astype(f32), (ku32 * c1) @ ku32.T)
+          + (c0 + c1 * shift_u) @ ku32.T)
+    dup_in = None
+  else:  # du = a2 * dz
+    dku = a2 * g_adz
+    dbu = None if bu is None else a2 * sum_dz
+    da = jnp.dot(dz, (a2 * ku32).T)
+    dup_in = Moments(-a2 * sum_dz, -0.5 * g2 * rs2**3 * sum_dz_uc)
+  if cfg.inner_relu:
+    da = jnp.where(a > 0, da, 0.0)  # a > 0 exactly where the pre-activation is
+
+  # Down BatchNorm: p = (h - m1) * rs1 * g1 + b1.
+  rs1 = lax.rsqrt(v1 + cfg.epsilon)
+  a1 = rs1 * g1
+  hc = h.astype(f32) - m1
+  sum_da = colsum(da)
+  sum_da_hc = reductions.diagonal(tdot(da, hc))
+  dg1, db1 = sum_da_hc * rs1, sum_da
+  if batch_stats:
+    e0, e1 = batch_norm.input_gradient_terms(a1, rs1, sum_da, sum_da_hc, count, ddown)
+    dh = a1 * da + e0 + e1 * hc
+    ddown_in = None
+  else:
+    dh = a1 * da
+    ddown_in = Moments(-a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc)
+  dh = dh.astype(dtype)
+  dbd = None if bd is None else colsum(dh)
+  dkd = tdot(x.astype(dtype), dh) if norm is None else norm.tdot(x, dh)
+  # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
+  # dx is written once instead of being re-derived inside each consumer.
+  gate_dy = dy2 / (1.0 + jnp.exp(-z32))
+  dx = (jnp.dot(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
+  like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
+  dparams = GateParams(
+      Projection(like(dkd, kd), like(dbd, bd)),
+      Affine(like(dg1, g1), like(db1, params.norm_down.bias)),
+      Projection(like(dku, ku), like(dbu, bu)),
+      Affine(like(dg2, g2), like(db2, params.norm_up.bias)))
+  if batch_stats:
+    return dx, dparams, None
+  dstats_in = GateStats(*(Moments(like(d.mean, s.mean), like(d.var, s.var))
+                          for d, s in zip((ddown_in, dup_in), stats)))
+  return dx, dparams, dstats_in
+
+
+def _live(ct):
+  """``ct``, or None for a symbolic-zero cotangent (also inside a NamedTuple)."""
+  if ct is None or isinstance(ct, SymbolicZero):
+    return None
+  if isinstance(ct, tuple):
+    fields = [_live(c) for c in ct]
+    return None if all(f is None for f in fields) else type(ct)(*fields)
+  return ct
+
+
+def _values(tree):
+  """The primal values of ``custom_vjp(symbolic_zeros=True)`` fwd arguments."""
+  return jax.tree.map(lambda p: p.value, tree)
+
+
+def _tie(x, dy):
+  """``x`` made to depend on ``dy`` through exact zeros (see ``reductions.opaque_zero_like``)."""
+  return x + reductions.opaque_zero_like(dy).astype(x.dtype)
+
+
+# ----- gate(x, params, stats=None) -----
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train_gate(cfg, x, params):
+  y, batch, _ = forward(x, params, None, cfg)
+  return y, batch
+
+
+def _train_gate_fwd(cfg, x, params):
+  x, params = _values((x, params))
+  y, batch, gram = forward(x, params, None, cfg)
+  return (y, batch), (x, params, batch, gram)
+
+
+def _train_gate_bwd(cfg, residuals, cotangent):
+  x, params, batch, gram = residuals
+  dy, dstats = cotangent
+  dy = _live(dy)
+  dy = jnp.zeros_like(x) if dy is None else dy
+  dx, dparams, _ = backward(_tie(x, dy), params, batch, gram, dy, _live(dstats), cfg,
+                            batch_stats=True)
+  return dx, dparams
+
+
+_train_gate.defvjp(_train_gate_fwd, _train_gate_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _eval_gate(cfg, x, params, stats):
+  return forward(x, params, stats, cfg)[0]
+
+
+def _eval_gate_fwd(cfg, x, params, stats):
+  x, params, stats = _values((x, params, stats))
+  return forward(x, params, stats, cfg)[0], (x, params, stats)
+
+
+def _eval_gate_bwd(cfg, residuals, dy):
+  x, params, stats = residuals
+  dy = _live(dy)
+  dy = jnp.zeros_like(x) if dy is None else dy
+  dx, dparams, dstats = backward(_tie(x, dy), params, stats, None, dy, None, cfg,
+                                 batch_stats=False)
+  return dx, dparams, dstats
+
+
+_eval_gate.defvjp(_eval_gate_fwd, _eval_gate_bwd, symbolic_zeros=True)
+
+
+def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
+         epsilon: float, inner_relu: bool):
+  """The gate with the lean VJP; same signature and results as ``reference.gate``.
+
+  Returns:
+    With ``stats``: ``y``. Without: ``(y, GateStats)``, the float32 batch moments.
+  """
+  cfg = Config(float(epsilon), bool(inner_relu))
+  if stats is None:
+    return _train_gate(cfg, x, params)
+  return _eval_gate(cfg, x, params, stats)
+
+
+# ----- norm_gate(x, norm, params) -----
+
+def _gate_input(x, stats, affine, epsilon, dtype, fold):
+  """The gate's operand: ``(x, FoldedNorm)`` when folding, else ``(BN(x), None)``."""
+  norm = FoldedNorm(stats, affine, epsilon, dtype)
+  return (x, norm) if fold else (norm.apply(x), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+  """Static options of :func:`norm_gate`."""
+  gate: Config
+  norm_epsilon: float
+  dtype: Any
+  fold: bool
+
+
+def _norm_gate_run(x, norm_affine, params, cfg: NormConfig):
+  moments = batch_norm.moments(x)
+  gate_x, folded = _gate_input(x, moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold)
+  y, batch, gram = forward(gate_x, params, None, cfg.gate, norm=folded)
+  return (y, moments, batch), gram
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_gate(cfg, x, norm_affine, params):
+  return _norm_gate_run(x, norm_affine, params, cfg)[0]
+
+
+def _norm_gate_fwd(cfg, x, norm_affine, params):
+  x, norm_affine, params = _values((x, norm_affine, params))
+  out, gram = _norm_gate_run(x, norm_affine, params, cfg)
+  return out, (x, norm_affine, params, out[1], out[2], gram)
+
+
+def _norm_gate_bwd(cfg, residuals, cotangent):
+  x, norm_affine, params, moments, batch, gram = residuals
+  dy, dmoments, dbatch = cotangent
+  dy = _live(dy)
+  dy = jnp.zeros(x.shape, cfg.dtype) if dy is None else dy
+  gate_x, folded = _gate_input(_tie(x, dy), moments, norm_affine, cfg.norm_epsilon, cfg.dtype,
+                               cfg.fold)
+  dp, dparams, _ = backward(gate_x, params, batch, gram, dy, _live(dbatch), cfg.gate,
+                            batch_stats=True, norm=folded)
+  dx, daffine = batch_norm.backward(x, norm_affine, moments, dp, _live(dmoments),
+                                    epsilon=cfg.norm_epsilon)
+  return dx, daffine, dparams
+
+
+_norm_gate.defvjp(_norm_gate_fwd, _norm_gate_bwd, symbolic_zeros=True)
+
+
+def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
+              epsilon: float, inner_relu: bool, dtype: Any
+              ) -> tuple[jax.Array, Moments, GateStats]:
+  """``gate(BN(x))`` in training mode as one op whose backward pass keeps only ``x``.
+
+  Same signature and results as ``reference.norm_gate``. Whether the BatchNorm folds into the
+  down-projection follows :func:`atac_jax.ops.policy.choice` ``'fold_norm'``, in float32 only.
+  """
+  fold = bool(policy.choice("fold_norm")) and jnp.dtype(dtype).itemsize >= 4
+  cfg = NormConfig(Config(float(epsilon), bool(inner_relu)), float(norm_epsilon),
+                   jnp.dtype(dtype), fold)
+  return _norm_gate(cfg, x, norm, params)

@@ -1,0 +1,49 @@
+"""Typed containers for the gate's parameters and statistics (pytrees: NamedTuples)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+
+Array = jax.Array
+
+
+class Projection(NamedTuple):
+  """A point-wise (1x1) projection ``x @ kernel + bias`` over the channel axis.
+
+  Attributes:
+    kernel: ``(in, out)`` (a linen 1x1 conv kernel is ``kernel[0, 0]``).
+    bias: ``(out,)`` or None.
+  """
+  kernel: Array
+  bias: Optional[Array] = None
+
+
+class Affine(NamedTuple):
+  """A BatchNorm's learned per-channel ``scale`` and ``bias``."""
+  scale: Array
+  bias: Array
+
+
+class Moments(NamedTuple):
+  """Per-channel ``mean`` and biased ``var`` (BatchNorm statistics, float32)."""
+  mean: Array
+  var: Array
+
+
+class GateParams(NamedTuple):
+  """The parameters of an ATAC gate ``sigmoid(BN_up(up(relu(BN_down(down(x))))))``.
+
+  Projection kernels and biases in the compute dtype; BatchNorm affines in the parameter dtype.
+  """
+  down: Projection
+  norm_down: Affine
+  up: Projection
+  norm_up: Affine
+
+
+class GateStats(NamedTuple):
+  """The two BatchNorms' statistics of a gate: running averages (inference) or batch moments."""
+  down: Moments
+  up: Moments
