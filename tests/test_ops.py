@@ -1,0 +1,177 @@
+"""atac_jax.ops: each implementation against the reference, in float64, and the policy."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from atac_jax import ops
+from atac_jax.ops import Affine, GateParams, GateStats, Moments, Projection
+
+C, K = 6, 3
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def float64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _params(key, *, bias: bool):
+  k = jax.random.split(key, 8)
+  f = jnp.float64
+  return GateParams(
+      Projection(jax.random.normal(k[0], (C, K), f), jax.random.normal(k[1], (K,), f) if bias
+                 else None),
+      Affine(1 + 0.2 * jax.random.normal(k[2], (K,), f), 0.2 * jax.random.normal(k[3], (K,), f)),
+      Projection(jax.random.normal(k[4], (K, C), f), jax.random.normal(k[5], (C,), f) if bias
+                 else None),
+      Affine(1 + 0.2 * jax.random.normal(k[6], (C,), f), 0.2 * jax.random.normal(k[7], (C,), f)))
+
+
+def _x(shape=(4, 5, C), offset=0.5):
+  return jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float64) + offset
+
+
+def _numpy_gate(x, p, inner_relu=True):
+  """An independent NumPy formula of the training-mode gate."""
+  x = np.asarray(x).reshape(-1, C)
+
+  def bn(h, affine):
+    m, v = h.mean(0), h.var(0)
+    return (h - m) / np.sqrt(v + EPS) * np.asarray(affine.scale) + np.asarray(affine.bias)
+
+  h = x @ np.asarray(p.down.kernel) + (0 if p.down.bias is None else np.asarray(p.down.bias))
+  a = bn(h, p.norm_down)
+  a = np.maximum(a, 0) if inner_relu else a
+  u = a @ np.asarray(p.up.kernel) + (0 if p.up.bias is None else np.asarray(p.up.bias))
+  return x / (1 + np.exp(-bn(u, p.norm_up)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "lean"])
+@pytest.mark.parametrize("inner_relu", [True, False])
+def test_train_gate_matches_numpy(impl, inner_relu):
+  p, x = _params(jax.random.PRNGKey(0), bias=True), _x()
+  y, stats = ops.gate(x, p, epsilon=EPS, inner_relu=inner_relu, impl=impl)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, C), _numpy_gate(x, p, inner_relu),
+                             rtol=1e-10, atol=1e-12)
+  h = np.asarray(x).reshape(-1, C) @ np.asarray(p.down.kernel) + np.asarray(p.down.bias)
+  np.testing.assert_allclose(stats.down.mean, h.mean(0), rtol=1e-10)
+  np.testing.assert_allclose(stats.down.var, h.var(0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(7, C), (3, 4, C), (2, 3, 4, C), (2, 2, 3, 2, C)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_gradients_check_in_float64(shape, bias):
+  p, x = _params(jax.random.PRNGKey(2), bias=bias), _x(shape)
+  train = lambda x, p: ops.gate(x, p, epsilon=EPS, inner_relu=True, impl="lean")
+  check_grads(train, (x, p), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+  running = GateStats(Moments(jnp.full((K,), 0.3), jnp.full((K,), 2.0)),
+                      Moments(jnp.full((C,), -0.1), jnp.full((C,), 0.5)))
+  infer = lambda x, p, s: ops.lean.gate(x, p, s, epsilon=EPS, inner_relu=True)
+  check_grads(infer, (x, p, running), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_reference_gradients_check_in_float64_all_modes():
+  p, x = _params(jax.random.PRNGKey(3), bias=False), _x()
+  fn = lambda x, p: ops.gate(x, p, epsilon=EPS, inner_relu=True, impl="reference")
+  check_grads(fn, (x, p), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+
+
+def _cotangent_cases():
+  """Every combination of zero / non-zero output and statistics cotangents."""
+  return list(itertools.product([False, True], repeat=3))
+
+
+@pytest.mark.parametrize("use_y,use_down,use_up", _cotangent_cases())
+def test_lean_vjp_with_symbolic_zero_cotangents(use_y, use_down, use_up):
+  p, x = _params(jax.random.PRNGKey(4), bias=True), _x()
+
+  def loss(impl):
+    def fn(x, p):
+      y, s = ops.gate(x, p, epsilon=EPS, inner_relu=True, impl=impl)
+      total = jnp.zeros(())
+      if use_y:
+        total += jnp.sum(y * jnp.arange(C))
+      if use_down:
+        total += jnp.sum(s.down.mean * 2.0) + jnp.sum(jnp.sin(s.down.var))
+      if use_up:
+        total += jnp.sum(s.up.var ** 2) - jnp.sum(s.up.mean)
+      return total
+    return fn
+
+  expected = jax.grad(loss("reference"), (0, 1))(x, p)
+  got = jax.grad(loss("lean"), (0, 1))(x, p)
+  chex.assert_trees_all_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["reference", "lean"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_norm_gate_equals_batch_norm_then_gate(impl, fold, monkeypatch):
+  monkeypatch.setitem(ops.policy._CHOICES, "fold_norm", {"default": fold})
+  p, x = _params(jax.random.PRNGKey(5), bias=False), _x(offset=3.0)
+  norm = Affine(jnp.linspace(0.5, 1.5, C), jnp.linspace(-0.2, 0.2, C))
+
+  def fused(x, norm, p):
+    y, m, s = ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS, inner_relu=True,
+                            dtype=jnp.float64, impl=impl)
+    return jnp.sum(y * jnp.arange(C)) + jnp.sum(m.var) + jnp.sum(s.up.mean ** 2)
+
+  def composed(x, norm, p):
+    m = ops.batch_norm.moments(x, plain=True)
+    xn = ops.batch_norm.normalize(x, m, norm, epsilon=1e-3, dtype=jnp.float64)
+    y, s = ops.reference.gate(xn, p, epsilon=EPS, inner_relu=True)
+    return jnp.sum(y * jnp.arange(C)) + jnp.sum(m.var) + jnp.sum(s.up.mean ** 2)
+
+  chex.assert_trees_all_close(fused(x, norm, p), composed(x, norm, p), rtol=1e-10)
+  chex.assert_trees_all_close(jax.grad(fused, (0, 1, 2))(x, norm, p),
+                              jax.grad(composed, (0, 1, 2))(x, norm, p), rtol=1e-8, atol=1e-10)
+  if impl == "lean":
+    fn = lambda x, norm, p: ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS,
+                                          inner_relu=True, dtype=jnp.float64, impl="lean")
+    check_grads(fn, (x, norm, p), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_sigmoid_tail_does_not_underflow():
+  """The lean backward's gate is the accurate sigmoid: d/dx at z = -20 is ~2e-9, not 0."""
+  with jax.enable_x64(False):
+    p = _params(jax.random.PRNGKey(6), bias=False)
+    p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+    p = p._replace(norm_up=Affine(jnp.zeros(C), jnp.full((C,), -20.0)))
+    x = jax.random.normal(jax.random.PRNGKey(7), (16, C))
+    dx = jax.grad(lambda x: jnp.sum(ops.gate(x, p, epsilon=EPS, inner_relu=True,
+                                              impl="lean")[0]))(x)
+    np.testing.assert_allclose(dx, jax.nn.sigmoid(-20.0) * np.ones_like(dx), rtol=1e-3)
+
+
+def test_resolve_impl_and_policy():
+  assert ops.resolve_impl("auto", train=True) == ops.policy.choice("gate_impl") == "lean"
+  assert ops.resolve_impl("auto", train=False) == "reference"
+  assert ops.resolve_impl("auto", train=True, axis_name="d") == "reference"
+  with pytest.raises(ValueError, match=r"accepted: \['auto', 'lean', 'reference'\]"):
+    ops.resolve_impl("fast", train=True)
+  with pytest.raises(ValueError, match="axis_name"):
+    ops.resolve_impl("lean", train=True, axis_name="d")
+  with ops.policy.lowering_platform("tpu"):
+    assert ops.policy.platform() == "tpu"
+    assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("fold_norm") is False
+  assert ops.policy.platform() == jax.default_backend()
+  with pytest.raises(ValueError, match="accepted"):
+    with ops.policy.lowering_platform("npu"):
+      pass
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_policy_choices_give_equal_results(platform):
+  p, x = _params(jax.random.PRNGKey(8), bias=True), _x()
+  loss = lambda x, p: jnp.sum(ops.gate(x, p, epsilon=EPS, inner_relu=True, impl="lean")[0] ** 2)
+  with ops.policy.lowering_platform(platform):
+    got = jax.grad(loss, (0, 1))(x, p)
+  ref = jax.grad(lambda x, p: jnp.sum(ops.reference.gate(x, p, epsilon=EPS,
+                                                          inner_relu=True)[0] ** 2), (0, 1))(x, p)
+  chex.assert_trees_all_close(got, ref, rtol=1e-9, atol=1e-10)
