@@ -12,8 +12,11 @@ pre-activation network the BatchNorm's output is the gate's input, and composing
 keep both the BatchNorm's input (for its gradient) and its output (the gate's residual). Here the
 output is recomputed from the input, so a BatchNorm -> ATAC pair keeps what BatchNorm -> ReLU keeps.
 
-Everything here is reverse mode only (``jax.custom_vjp``); :mod:`atac_jax.ops.gate` chooses.
-:func:`forward` and :func:`backward` are the two halves, importable and testable alone.
+Each op is a ``jax.custom_jvp`` whose tangent is a :func:`~atac_jax.ops.linear_map.linear_map`:
+forward mode (``jvp``, ``jacfwd``, ``linearize``) evaluates the JVP of :func:`forward`; reverse
+mode keeps only the residuals above and transposes the map with :func:`backward`; ``vmap`` and
+higher-order derivatives work too. :func:`forward` and :func:`backward` are importable and
+testable alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from atac_jax.ops import batch_norm, policy, reductions
+from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
 
@@ -107,7 +111,10 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
   h = _project(x, p_down, norm)
   if stats is None:
     m1 = colsum(h) / count
-    v1 = jnp.maximum(0.0, reductions.diagonal(tdot(h, h)) / count - jnp.square(m1))
+    # Centred (two-pass) variance: with input offsets E[h^2] - E[h]^2 cancels catastrophically
+    # (gradients 5x further from float64 than nn.BatchNorm's at an offset of 100).
+    hc = h.astype(acc_dtype(dtype)) - m1
+    v1 = colsum(jnp.square(hc)) / count
     down = Moments(m1, v1)
   else:
     down = stats.down
@@ -212,7 +219,11 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     ddown_in = Moments(-a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc)
   dh = dh.astype(dtype)
   dbd = None if bd is None else colsum(dh)
-  dkd = tdot(x.astype(dtype), dh) if norm is None else norm.tdot(x, dh)
+  if norm is None:  # centred: sum(dh) vanishes only to rounding, so an input offset would not
+    mean_x = colsum(x) / count
+    dkd = tdot((x.astype(f32) - mean_x).astype(dtype), dh) + jnp.outer(mean_x, colsum(dh))
+  else:  # the BatchNorm's output is centred by construction
+    dkd = norm.tdot(x, dh)
   # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
   # dx is written once instead of being re-derived inside each consumer.
   gate_dy = dy2 / (1.0 + jnp.exp(-z32))
@@ -231,7 +242,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
 
 
 def _live(ct):
-  """``ct``, or None for a symbolic-zero cotangent (also inside a NamedTuple)."""
+  """``ct``, or None where it is all zeros by construction (a symbolic zero upstream)."""
   if ct is None or isinstance(ct, SymbolicZero):
     return None
   if isinstance(ct, tuple):
@@ -240,68 +251,78 @@ def _live(ct):
   return ct
 
 
-def _values(tree):
-  """The primal values of ``custom_vjp(symbolic_zeros=True)`` fwd arguments."""
-  return jax.tree.map(lambda p: p.value, tree)
-
-
 def _tie(x, dy):
   """``x`` made to depend on ``dy`` through exact zeros (see ``reductions.opaque_zero_like``)."""
   return x + reductions.opaque_zero_like(dy).astype(x.dtype)
 
 
+def _lean_jvp(run, backward_fn, primals, tangents):
+  """A custom-JVP rule: primal ``run(*primals)``, tangent through a :func:`linear_map`.
+
+  ``run(*primals) -> (outputs, extra residuals)``. The tangent map is the JVP of ``run``'s
+  outputs (forward mode recomputes the op); its transpose is ``backward_fn(primals, extra,
+  outputs, cotangents)`` (reverse mode keeps only the primals, the small extra residuals and
+  the outputs' statistics).
+  """
+  out, extra = run(*primals)
+  residuals = (primals, extra, out[1:])
+
+  def tangent_map(res, lin):
+    return jax.jvp(lambda *p: run(*p)[0], res[0], lin)[1]
+
+  def cotangent_map(res, ct):
+    primals, extra, stats = res
+    return backward_fn(primals, extra, stats, ct)
+
+  return out, linear_map(tangent_map, cotangent_map, residuals, tuple(tangents))
+
+
 # ----- gate(x, params, stats=None) -----
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_gate(cfg, x, params):
-  y, batch, _ = forward(x, params, None, cfg)
-  return y, batch
-
-
-def _train_gate_fwd(cfg, x, params):
-  x, params = _values((x, params))
+def _train_gate_run(cfg, x, params):
   y, batch, gram = forward(x, params, None, cfg)
-  return (y, batch), (x, params, batch, gram)
+  return (y, batch), gram
 
 
-def _train_gate_bwd(cfg, residuals, cotangent):
-  x, params, batch, gram = residuals
-  dy, dstats = cotangent
-  dy = _live(dy)
-  dy = jnp.zeros_like(x) if dy is None else dy
-  dx, dparams, _ = backward(_tie(x, dy), params, batch, gram, dy, _live(dstats), cfg,
-                            batch_stats=True)
-  return dx, dparams
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train_gate(cfg, x, params):
+  return _train_gate_run(cfg, x, params)[0]
 
 
-_train_gate.defvjp(_train_gate_fwd, _train_gate_bwd, symbolic_zeros=True)
+@_train_gate.defjvp
+def _train_gate_jvp(cfg, primals, tangents):
+  def backward_fn(primals, gram, stats, ct):
+    (x, params), (batch,) = primals, stats
+    dy, dstats = ct
+    dx, dparams, _ = backward(_tie(x, dy), params, batch, gram, dy, dstats, cfg,
+                              batch_stats=True)
+    return dx, dparams
+  return _lean_jvp(functools.partial(_train_gate_run, cfg), backward_fn, primals, tangents)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _eval_gate_run(cfg, x, params, stats):
+  return (forward(x, params, stats, cfg)[0],), None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _eval_gate(cfg, x, params, stats):
-  return forward(x, params, stats, cfg)[0]
+  return _eval_gate_run(cfg, x, params, stats)[0][0]
 
 
-def _eval_gate_fwd(cfg, x, params, stats):
-  x, params, stats = _values((x, params, stats))
-  return forward(x, params, stats, cfg)[0], (x, params, stats)
-
-
-def _eval_gate_bwd(cfg, residuals, dy):
-  x, params, stats = residuals
-  dy = _live(dy)
-  dy = jnp.zeros_like(x) if dy is None else dy
-  dx, dparams, dstats = backward(_tie(x, dy), params, stats, None, dy, None, cfg,
-                                 batch_stats=False)
-  return dx, dparams, dstats
-
-
-_eval_gate.defvjp(_eval_gate_fwd, _eval_gate_bwd, symbolic_zeros=True)
+@_eval_gate.defjvp
+def _eval_gate_jvp(cfg, primals, tangents):
+  def backward_fn(primals, _, __, ct):
+    x, params, stats = primals
+    (dy,) = ct
+    return backward(_tie(x, dy), params, stats, None, dy, None, cfg, batch_stats=False)
+  out, tangent = _lean_jvp(functools.partial(_eval_gate_run, cfg), backward_fn, primals,
+                           tangents)
+  return out[0], tangent[0]
 
 
 def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
          epsilon: float, inner_relu: bool):
-  """The gate with the lean VJP; same signature and results as ``reference.gate``.
+  """The gate with the lean backward; same signature and results as ``reference.gate``.
 
   Returns:
     With ``stats``: ``y``. Without: ``(y, GateStats)``, the float32 batch moments.
@@ -329,39 +350,31 @@ class NormConfig:
   fold: bool
 
 
-def _norm_gate_run(x, norm_affine, params, cfg: NormConfig):
+def _norm_gate_run(cfg: NormConfig, x, norm_affine, params):
   moments = batch_norm.moments(x)
   gate_x, folded = _gate_input(x, moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold)
   y, batch, gram = forward(gate_x, params, None, cfg.gate, norm=folded)
   return (y, moments, batch), gram
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _norm_gate(cfg, x, norm_affine, params):
-  return _norm_gate_run(x, norm_affine, params, cfg)[0]
+  return _norm_gate_run(cfg, x, norm_affine, params)[0]
 
 
-def _norm_gate_fwd(cfg, x, norm_affine, params):
-  x, norm_affine, params = _values((x, norm_affine, params))
-  out, gram = _norm_gate_run(x, norm_affine, params, cfg)
-  return out, (x, norm_affine, params, out[1], out[2], gram)
-
-
-def _norm_gate_bwd(cfg, residuals, cotangent):
-  x, norm_affine, params, moments, batch, gram = residuals
-  dy, dmoments, dbatch = cotangent
-  dy = _live(dy)
-  dy = jnp.zeros(x.shape, cfg.dtype) if dy is None else dy
-  gate_x, folded = _gate_input(_tie(x, dy), moments, norm_affine, cfg.norm_epsilon, cfg.dtype,
-                               cfg.fold)
-  dp, dparams, _ = backward(gate_x, params, batch, gram, dy, _live(dbatch), cfg.gate,
-                            batch_stats=True, norm=folded)
-  dx, daffine = batch_norm.backward(x, norm_affine, moments, dp, _live(dmoments),
-                                    epsilon=cfg.norm_epsilon)
-  return dx, daffine, dparams
-
-
-_norm_gate.defvjp(_norm_gate_fwd, _norm_gate_bwd, symbolic_zeros=True)
+@_norm_gate.defjvp
+def _norm_gate_jvp(cfg, primals, tangents):
+  def backward_fn(primals, gram, stats, ct):
+    (x, norm_affine, params), (moments, batch) = primals, stats
+    dy, dmoments, dbatch = ct
+    gate_x, folded = _gate_input(_tie(x, dy), moments, norm_affine, cfg.norm_epsilon,
+                                 cfg.dtype, cfg.fold)
+    dp, dparams, _ = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
+                              batch_stats=True, norm=folded)
+    dx, daffine = batch_norm.backward(x, norm_affine, moments, dp, dmoments,
+                                      epsilon=cfg.norm_epsilon)
+    return dx, daffine, dparams
+  return _lean_jvp(functools.partial(_norm_gate_run, cfg), backward_fn, primals, tangents)
 
 
 def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
