@@ -7,6 +7,7 @@
         --steps 0 --compare relu                        # compile only: temp_bytes
     atac-bench data --kind cifar --workers 0 2
     atac-bench step-with-input --model cifar_resnet20 --batch 128
+    atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
 
 ``train`` builds the real training step of the project (``train.trainer.setup`` +
 ``compile_steps``: ``train.steps.train_step`` on ``train.state.create_train_state`` with the
@@ -15,6 +16,8 @@
 ``temp_size_in_bytes`` (scratch memory of one step, parameters and batch excluded) and the median
 step time. ``--compare OTHER`` builds both steps in one process and times them in alternating
 rounds (A, B, A, B, ...) so that drift and load from other processes hit both alike.
+``compile`` compiles the same step for a Cloud TPU topology with libtpu and reports XLA's
+per-chip cost there (no TPU needed; :mod:`train.aot`).
 
 The XLA CPU defaults of :mod:`train.cpu_defaults` are applied before JAX starts (a flag the
 user set in ``XLA_FLAGS`` wins).
@@ -296,18 +299,19 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="atac-bench", description=__doc__.split("\n", 1)[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
-  def model_args(p):
+  def model_args(p, timed=True):
     p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--act", default="atac")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10,
-                   help="timed steps (per round with --compare); 0 compiles only")
+    if timed:
+      p.add_argument("--steps", type=int, default=10,
+                     help="timed steps (per round with --compare); 0 compiles only")
+      p.add_argument("--num-devices", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--reduction", type=int, default=None)
     p.add_argument("--act-layers", type=int, default=None)
     p.add_argument("--act-option", action="append", metavar="KEY=JSON",
                    help="activation option, e.g. memory_lean=false (repeatable)")
-    p.add_argument("--num-devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the JSON line to this file")
 
@@ -326,6 +330,17 @@ def _parser() -> argparse.ArgumentParser:
   step.add_argument("--workers", type=int, default=0)
   step.set_defaults(steps=20)
 
+  comp = sub.add_parser("compile", help="per-chip FLOPs, bytes and peak memory of the step "
+                        "compiled for a Cloud TPU topology (libtpu; no TPU needed)")
+  model_args(comp, timed=False)
+  comp.add_argument("--topology", default="v5e:2x2",
+                    help="GEN:AxB[xC], GEN in v4 v5e v5p v6e (default: %(default)s)")
+  comp.add_argument("--compare", default=None, metavar="ACT", help="also compile with ACT")
+  comp.add_argument("--compare-act-option", action="append", metavar="KEY=JSON",
+                    help="activation option of the --compare side (default: none)")
+  comp.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="add the N instructions that move the most bytes")
+
   dat = sub.add_parser("data", help="input-pipeline images/s (train.data.benchmark)")
   dat.add_argument("--kind", choices=("cifar", "imagenet"), default="cifar")
   dat.add_argument("--workers", type=int, nargs="+", default=[0])
@@ -340,6 +355,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
   """Parses ``argv`` (default: ``sys.argv[1:]``) and prints one JSON line per measurement."""
   args = _parser().parse_args(argv)
+  if args.command == "compile":  # for a TPU, with libtpu: no CPU flags
+    from train import aot  # pylint: disable=g-import-not-at-top
+    aot.main(args)
+    return
   from train import cpu_defaults  # pylint: disable=g-import-not-at-top
   cpu_defaults.apply()  # before JAX initialises its backends
   if args.command == "data":

@@ -1,0 +1,175 @@
+"""atac-bench compile: arguments, errors and the HLO byte accounting run everywhere; the compile
+test needs libtpu (the ``tpu-aot`` extra) and is skipped without it."""
+
+import json
+import os
+
+import pytest
+
+from train import aot, bench
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch):
+  """The command sets JAX_PLATFORMS / ALLOW_MULTIPLE_LIBTPU_LOAD defaults; undo them after."""
+  for name in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD", "XLA_FLAGS"):
+    if name in os.environ:
+      monkeypatch.setenv(name, os.environ[name])
+    else:
+      monkeypatch.delenv(name, raising=False)
+
+
+def _main_error(capsys, *argv):
+  """Runs ``atac-bench compile ...`` expecting a clean exit 2; returns stderr."""
+  with pytest.raises(SystemExit) as error:
+    bench.main(["compile", *argv])
+  assert error.value.code == 2
+  captured = capsys.readouterr()
+  assert "Traceback" not in captured.err and not captured.out
+  return captured.err
+
+
+@pytest.mark.parametrize("name, generation, shape", [
+    ("v4:2x2x1", "v4", (2, 2, 1)), ("v5e:2x2", "v5e", (2, 2, 1)),
+    ("v5p:2x2x1", "v5p", (2, 2, 1)), ("v6e:2x2", "v6e", (2, 2, 1)),
+    ("v5e:4x8", "v5e", (4, 8, 1)), ("v5p:2x2x2", "v5p", (2, 2, 2))])
+def test_topology_names(name, generation, shape):
+  topology = aot.parse_topology(name)
+  assert (topology.generation, topology.shape) == (generation, shape)
+  assert topology.chips == shape[0] * shape[1] * shape[2]
+
+
+@pytest.mark.parametrize("name", ["v5e", "v3:2x2", "v5e-4", "v5litepod-4", "v5e:2", "tpu",
+                                  "v5e:0x2", "v6e:2x2x2x2", ""])
+def test_unknown_topology_lists_accepted_forms(name):
+  with pytest.raises(ValueError) as error:
+    aot.parse_topology(name)
+  for form in aot.TOPOLOGY_FORMS:
+    assert form in str(error.value)
+
+
+def test_batch_must_split_over_the_chips():
+  aot.check_batch(128, aot.parse_topology("v5e:2x2"))
+  aot.check_batch(8, aot.parse_topology("v4:2x2x2"))
+  with pytest.raises(ValueError, match=r"130 must be a positive multiple of the 4 chips.*e\.g\. 128 or 132\."):
+    aot.check_batch(130, aot.parse_topology("v5e:2x2"))
+  with pytest.raises(ValueError, match=r"8 chips.*e\.g\. 8\."):
+    aot.check_batch(4, aot.parse_topology("v5p:2x2x2"))
+
+
+def test_parser_shares_the_train_options():
+  args = bench._parser().parse_args(  # pylint: disable=protected-access
+      ["compile", "--model", "resnet50", "--act", "atac", "--act-layers", "2", "--batch", "256",
+       "--dtype", "bf16", "--act-option", "memory_lean=false", "--compare", "relu",
+       "--breakdown", "5"])
+  assert args.topology == "v5e:2x2" and args.compare == "relu" and args.breakdown == 5
+  assert not hasattr(args, "steps") and not hasattr(args, "num_devices")
+  config = bench._train_config(args, args.act, bench._act_options(args))  # pylint: disable=protected-access
+  assert dict(config.model.options.act_options) == {"memory_lean": False}
+  assert config.model.options.act_layers == 2 and config.half_precision
+  assert config.global_batch_size == 256
+
+
+def test_cli_argument_errors_exit_2(capsys):
+  err = _main_error(capsys, "--topology", "v9:2x2")
+  assert "v5e:2x2" in err and err.count("\n") == 1
+  err = _main_error(capsys, "--topology", "v5e:2x2", "--batch", "30")
+  assert "4 chips" in err
+  assert "-1" in _main_error(capsys, "--breakdown", "-1")
+
+
+def test_missing_libtpu_is_one_clear_line(capsys, monkeypatch):
+  monkeypatch.setattr(aot, "libtpu_version", lambda: None)
+  err = _main_error(capsys, "--model", "convnet_mnist", "--batch", "16", "--compare", "relu")
+  assert err.count("\n") == 1 and err.startswith("atac-bench: error: libtpu")
+  assert 'pip install -e ".[tpu-aot]"' in err
+  assert f'"jax[tpu]=={aot.jax_version()}"' in err
+
+
+def test_array_bytes_pad_to_the_tpu_tiles():
+  # Minor-to-major {0,1}: dimension 0 (16) is minor, padded to 128 lanes; 32 rows are 4 tiles.
+  assert aot.array_bytes("f32", "16,32", "{0,1:T(8,128)}") == (32 * 128 * 4, 16 * 32 * 4)
+  assert aot.array_bytes("f32", "16,32", "{1,0:T(8,128)}") == (16 * 128 * 4, 16 * 32 * 4)
+  assert aot.array_bytes("f32", "3,200", "{1,0:T(8,128)}") == (8 * 256 * 4, 3 * 200 * 4)
+  assert aot.array_bytes("bf16", "32,32,32,16", "{0,3,2,1:T(8,128)(2,1)S(1)}") == (
+      32 * 32 * 16 * 128 * 2, 32 * 32 * 32 * 16 * 2)
+  assert aot.array_bytes("f32", "10", "{0:T(128)}") == (512, 40)
+  assert aot.array_bytes("f32", "", "{:T(128)}") == (512, 4)
+  assert aot.array_bytes("pred", "1024", "{0:T(1024)E(32)}") == (4096, 1024)
+  assert aot.array_bytes("s32", "4,5", None) == (80, 80)
+
+
+_HLO = """HloModule m
+
+%fused_computation (param_0: f32[8,128]) -> f32[8,128] {
+  %param_0 = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %neg = f32[8,128]{1,0:T(8,128)} negate(%param_0)
+}
+
+ENTRY %main (p0: f32[8,128], p1: f32[4], p2: f32[32,128]) -> (f32[8,128], f32[4], f32[8,128]) {
+  %p0 = f32[8,128]{1,0:T(8,128)} parameter(0), metadata={op_name="x"}
+  %p1 = f32[4]{0:T(128)} parameter(1)
+  %p2 = f32[32,128]{1,0:T(8,128)} parameter(2)
+  %copy-start = (f32[4]{0:T(128)S(1)}, f32[4]{0:T(128)}, u32[]{:S(2)}) copy-start(%p1)
+  %copy-done = f32[4]{0:T(128)S(1)} copy-done(%copy-start)
+  %slice-start = ((f32[32,128]{1,0:T(8,128)}), f32[8,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%p2), slice={[0:8], [0:128]}
+  %slice-done = f32[8,128]{1,0:T(8,128)S(1)} slice-done(%slice-start)
+  %neg_fusion = f32[8,128]{1,0:T(8,128)} fusion(%p0), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(train_step)/jvp(Net2)/layer3/neg"}
+  %add = f32[8,128]{1,0:T(8,128)} add(%neg_fusion, %p0), metadata={op_name="jit(train_step)/jvp(Net2)/layer4/neg"}
+  ROOT %t = (f32[8,128]{1,0:T(8,128)}, f32[4]{0:T(128)S(1)}, f32[8,128]{1,0:T(8,128)S(1)}) tuple(%add, %copy-done, %slice-done)
+}
+"""
+
+
+def test_breakdown_charges_operands_and_outputs():
+  b = aot.breakdown(_HLO, top=3)
+  tile, vector = 8 * 128 * 4, 128 * 4
+  # fusion: 1 read + 1 write; add: 2 reads + 1 write; async slice: the slice once;
+  # async copy: read, destination + source (+ a 4-byte context), written again at -done.
+  copy = vector + (2 * vector + 4) + vector
+  assert b["by_op"] == {"add": 3 * tile, "fusion:kLoop": 2 * tile, "slice-start": tile,
+                        "copy-start": 3 * vector + 4, "copy-done": vector}
+  assert b["total_bytes"] == 6 * tile + copy and b["instructions"] == 5
+  first, second, third = b["top"]
+  assert (first["op"], first["name"], first["padding"]) == ("add", "add", 1.0)
+  assert (second["op"], second["source"]) == ("fusion:kLoop", "jvp(Net2)/layer3/neg")
+  assert third["op"] == "slice-start" and third["bytes"] == tile
+  # One group per kind of layer: numbers in the path become *, the model's name keeps its own.
+  assert b["by_source"][0] == {"source": "jvp(Net2)/layer*/neg", "bytes": 5 * tile,
+                               "instructions": 2}
+  assert b["logical_bytes"] == 6 * tile + 4 * 16 + 4
+  with pytest.raises(ValueError, match="ENTRY"):
+    aot.breakdown("HloModule m\n")
+
+
+def test_compile_tiny_model_on_v5e(capsys):
+  """Compiles ResNet-8 for v5e:2x2 with libtpu (20-40 s of CPU per side)."""
+  pytest.importorskip("libtpu")
+  bench.main(["compile", "--topology", "v5e:2x2", "--model", "cifar_resnet8", "--act", "atac",
+              "--batch", "16", "--compare", "relu", "--breakdown", "4"])
+  captured = capsys.readouterr()
+  a, b, ratio = (json.loads(line) for line in captured.out.strip().splitlines())
+  for record, act in ((a, "atac"), (b, "relu")):
+    assert record["side"] == ("a" if act == "atac" else "b") and record["act"] == act
+    assert record["topology"] == "v5e:2x2" and record["chips"] == 4
+    assert record["batch_per_chip"] == 4 and record["device_kind"].startswith("TPU v5")
+    assert record["libtpu_version"] == aot.libtpu_version() and record["jax_version"]
+    for key in ("gflop_per_chip", "bytes_accessed_gb_per_chip", "peak_memory_mib_per_chip",
+                "compile_seconds"):
+      assert record[key] > 0, key
+    memory = record["memory_per_chip"]
+    assert record["peak_memory_mib_per_chip"] == pytest.approx(
+        memory["peak_memory_in_bytes"] / 2**20, abs=0.01)
+    assert memory["peak_memory_in_bytes"] >= memory["argument_size_in_bytes"]
+    top = record["breakdown"]["top"]
+    assert len(top) == 4 and top[0]["bytes"] >= top[-1]["bytes"] > 0
+    # The per-instruction accounting reproduces the compiler's total.
+    assert record["breakdown"]["coverage"] == pytest.approx(1.0, abs=0.03)
+    assert record["breakdown"]["by_source"][0]["bytes"] > 0
+  assert ratio["ratio"] == "atac/relu" and ratio["topology"] == "v5e:2x2"
+  assert ratio["bytes_accessed_ratio"] == pytest.approx(
+      a["cost_per_chip"]["bytes_accessed"] / b["cost_per_chip"]["bytes_accessed"], rel=1e-3)
+  assert ratio["peak_memory_ratio"] == pytest.approx(
+      a["memory_per_chip"]["peak_memory_in_bytes"] / b["memory_per_chip"]["peak_memory_in_bytes"],
+      rel=1e-3)
+  assert "instructions" in captured.err  # the readable table goes to stderr

@@ -1,0 +1,397 @@
+"""``atac-bench compile``: the train step compiled ahead of time for a Cloud TPU, without a TPU.
+
+    pip install -e ".[tpu-aot]"        # libtpu, the TPU compiler (jax[tpu] at the tested version)
+    atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
+    atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --breakdown 15
+
+The project's real train step (:func:`train.trainer.setup` + :func:`train.trainer.compile_steps`,
+the same code ``atac-bench train`` compiles) is lowered on shapes alone and compiled by libtpu's
+compiler for the devices of a TPU topology (``jax.experimental.topologies.get_topology_desc``,
+as MaxText's ``train_compile.py`` does): state replicated, global batch split over the chips.
+Nothing runs and no TPU is opened, so it works on any machine with libtpu installed. It prints
+one JSON line per side, per chip: XLA's FLOPs, bytes accessed and peak memory, and the compile
+time; with ``--compare OTHER`` a third line with the ratios A / B. ``--breakdown N`` adds the
+N top-level instructions of the optimised HLO that move the most bytes (see :func:`breakdown`).
+
+Caveats:
+
+- The figures are the compiler's *estimates* (its cost and memory analyses) for one libtpu
+  version; the JSON names it. Another libtpu may fuse, lay out and schedule differently.
+- No step times: nothing is executed. Bytes accessed is the better proxy for a memory-bound
+  step (CIFAR ResNets on a TPU are); the cost analysis' ``optimal_seconds`` is not reported
+  because it is unreliable (it came out negative, -0.999 s, for an ATAC ResNet-8 step).
+- Peak memory is ``memory_analysis().peak_memory_in_bytes``: the HBM high-water mark of the
+  step, parameters, optimizer state and batch included. ``temp_size_in_bytes`` (the figure
+  ``atac-bench train`` reports on CPU) is not a peak on TPU (178 MiB against a 121 MiB peak for
+  the ATAC ResNet-20 step on v5e:2x2); it is in the JSON but not compared.
+- Bytes accessed count the TPU's tiled layouts: an array whose minor dimension is smaller than
+  the 128-lane tile is padded to it (a ResNet-20 activation with the 32-example per-chip batch
+  as its minor dimension takes 4x its logical size). The breakdown shows this padding.
+- A v4 or v5p chip is compiled as one megacore device (as JAX uses them), so chips = devices.
+
+Environment: unless set, ``JAX_PLATFORMS=cpu`` (the command never needs a TPU; set before JAX
+starts, i.e. from the CLI) and ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` (libtpu otherwise takes a
+machine-wide lock, so a second compile, or one beside a TPU job, would fail) are used. libtpu logs
+warnings about ``TPU_ACCELERATOR_TYPE`` and worker hostnames on a machine without a TPU; they are
+harmless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+TOPOLOGY_FORMS = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+EXTRA_INSTALL = 'pip install -e ".[tpu-aot]"'
+_MEGACORE = ("v4", "v5p")  # two TensorCores per chip, one JAX device
+_DEFAULT_HOST_BOUNDS = (2, 2, 1)  # libtpu's chips per host when the topology has at least these
+_TOPOLOGY_RE = re.compile(r"^(v\w+):(\d+)x(\d+)(?:x(\d+))?$")
+
+
+class LibtpuMissingError(RuntimeError):
+  """libtpu (the TPU compiler) is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A Cloud TPU slice: generation (``v5e``) and chips per axis (``(2, 2, 1)``)."""
+  name: str
+  generation: str
+  shape: tuple[int, int, int]
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+
+def parse_topology(name: str) -> Topology:
+  """Parses ``GEN:AxB`` or ``GEN:AxBxC`` (GEN one of :data:`GENERATIONS`); ValueError otherwise."""
+  match = _TOPOLOGY_RE.match(name.strip())
+  if not match or match.group(1) not in GENERATIONS or 0 in tuple(
+      int(d) for d in match.groups()[1:] if d):
+    raise ValueError(
+        f"unknown TPU topology {name!r}; accepted: GEN:AxB or GEN:AxBxC with GEN one of "
+        f"{list(GENERATIONS)} and chips per axis, e.g. {', '.join(TOPOLOGY_FORMS)}.")
+  x, y, z = (int(d) if d else 1 for d in match.groups()[1:])
+  return Topology(name=name.strip(), generation=match.group(1), shape=(x, y, z))
+
+
+def check_batch(batch: int, topology: Topology) -> None:
+  """The global batch must split evenly over the chips; ValueError naming valid sizes."""
+  chips = topology.chips
+  if batch <= 0 or batch % chips:
+    below, above = (batch // chips) * chips, -(-max(batch, 1) // chips) * chips
+    near = f"{below} or {above}" if below > 0 else f"{above}"
+    raise ValueError(f"--batch {batch} must be a positive multiple of the {chips} chips of "
+                     f"{topology.name} (the global batch is split over them); e.g. {near}.")
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def jax_version() -> str:
+  """The installed jax's version, read without starting JAX."""
+  return _version("jax") or "unknown"
+
+
+def libtpu_version() -> str | None:
+  """The installed libtpu's version, or None when libtpu is not installed."""
+  if importlib.util.find_spec("libtpu") is None:
+    return None
+  return _version("libtpu") or _version("libtpu-nightly") or "unknown"
+
+
+def require_libtpu() -> str:
+  """Returns libtpu's version; raises :class:`LibtpuMissingError` naming the install command."""
+  version = libtpu_version()
+  if version is None:
+    raise LibtpuMissingError(
+        f"libtpu (the TPU compiler) is not installed; install it with {EXTRA_INSTALL} "
+        f"or, to keep this jax, pip install \"jax[tpu]=={jax_version()}\".")
+  return version
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+  """Compile-only devices of ``topology`` (libtpu's compiler; no TPU needed), one per chip."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs: dict[str, Any] = {}
+  if topology.generation in _MEGACORE:
+    kwargs["chip_config_name"] = "megacore"
+  if any(s < d for s, d in zip(topology.shape, _DEFAULT_HOST_BOUNDS)):  # smaller than one host
+    kwargs["chips_per_host_bounds"] = tuple(min(s, d) for s, d in
+                                            zip(topology.shape, _DEFAULT_HOST_BOUNDS))
+  name = f"{topology.generation}:{'x'.join(map(str, topology.shape))}"
+  try:
+    devices = list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+  except Exception as error:  # pylint: disable=broad-except  # JaxRuntimeError from libtpu
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise ValueError(f"libtpu rejected topology {topology.name!r}: {message} "
+                     f"(accepted e.g. {', '.join(TOPOLOGY_FORMS)}).") from error
+  if len(devices) != topology.chips:
+    raise ValueError(f"topology {topology.name!r} has {len(devices)} devices for "
+                     f"{topology.chips} chips; expected one device per chip.")
+  return devices
+
+
+def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
+  """AOT-compiles the project's train step for ``config`` on ``topology``.
+
+  Returns:
+    ``(record, compiled)``: the per-chip figures (see the module docstring) and the compiled
+    executable (``compiled.as_text()`` is the optimised HLO).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from train import trainer  # pylint: disable=g-import-not-at-top
+  check_batch(config.global_batch_size, topology)
+  libtpu = require_libtpu()
+  devices = topology_devices(topology)
+  s = trainer.setup(config, devices=devices)
+  train_step, _ = trainer.compile_steps(config, s)
+  struct = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  state = jax.tree.map(lambda a, sh: struct(a.shape, a.dtype, sh), s.abstract_state,
+                       s.state_sharding)
+  n = config.global_batch_size
+  batch = {"image": struct((n, *s.info.image_shape), np.float32, s.batch_sharding),
+           "label": struct((n,), np.int32, s.batch_sharding)}
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  memory_fields = ("peak_memory_in_bytes", "temp_size_in_bytes", "argument_size_in_bytes",
+                   "output_size_in_bytes", "alias_size_in_bytes", "generated_code_size_in_bytes")
+  options = dict(config.model.options)
+  act_options = dict(options.pop("act_options", {}))
+  record = {
+      "model": config.model.name, "act": config.model.act, "batch": n,
+      "dtype": "bf16" if config.half_precision else "float32", **options,
+      "act_options": act_options, "topology": topology.name, "chips": len(devices),
+      "batch_per_chip": n // len(devices), "device_kind": devices[0].device_kind,
+      "gflop_per_chip": round(cost["flops"] / 1e9, 4),
+      "bytes_accessed_gb_per_chip": round(cost["bytes accessed"] / 1e9, 4),
+      "peak_memory_mib_per_chip": round(memory.peak_memory_in_bytes / 2**20, 2),
+      "compile_seconds": round(compile_seconds, 2),
+      "cost_per_chip": {"flops": cost["flops"], "bytes_accessed": cost["bytes accessed"],
+                        "transcendentals": cost.get("transcendentals")},
+      "memory_per_chip": {f: int(getattr(memory, f)) for f in memory_fields},
+      "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
+      "libtpu_version": libtpu}
+  return record, compiled
+
+
+def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+  """The ratio line of ``--compare``: A over B for FLOPs, bytes accessed and peak memory."""
+  ca, cb = a["cost_per_chip"], b["cost_per_chip"]
+  ma, mb = a["memory_per_chip"], b["memory_per_chip"]
+  side = lambda r: {k: r[k] for k in ("model", "act", "act_options", "batch", "dtype")}
+  return {"ratio": f"{a['act']}/{b['act']}", "topology": a["topology"], "a": side(a),
+          "b": side(b), "gflop_ratio": round(ca["flops"] / cb["flops"], 4),
+          "bytes_accessed_ratio": round(ca["bytes_accessed"] / cb["bytes_accessed"], 4),
+          "peak_memory_ratio": round(ma["peak_memory_in_bytes"] / mb["peak_memory_in_bytes"], 4)}
+
+
+# --- Where the bytes go: per-instruction accounting of the optimised HLO --------------------
+
+_ELEMENT_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+                 "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+                 "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8}
+_ARRAY_RE = re.compile(r"\b(" + "|".join(sorted(_ELEMENT_BITS, key=len, reverse=True))
+                       + r")\[([0-9,]*)\](\{[^}]*\})?")
+_INSTRUCTION_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$")
+# Instructions that move no data of their own (or whose data is counted at their other half).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
+         "replica-id", "after-all"}
+
+
+def array_bytes(dtype: str, dims: str, layout: str | None) -> tuple[int, int]:
+  """``(padded, logical)`` bytes of one HLO array, e.g. ``('f32', '32,16', '{0,1:T(8,128)}')``.
+
+  The padded size rounds the minor dimensions (in the layout's minor-to-major order) up to the
+  layout's first tile, ``T(8,128)``: how the TPU stores the array (a tiled scalar fills its
+  tile). ``E(n)`` overrides the element size in bits.
+  """
+  shape = [int(d) for d in dims.split(",") if d]
+  bits = _ELEMENT_BITS[dtype]
+  logical = math.prod(shape) * bits // 8
+  order, _, attributes = (layout or "{}")[1:-1].partition(":")
+  physical = [shape[int(i)] for i in reversed(order.split(","))] if order.strip() else shape
+  tile = re.search(r"T\(([0-9,]+)\)", attributes)
+  if tile:
+    tile_dims = [int(t) for t in tile.group(1).split(",")]
+    physical = physical or [1]
+    for k, t in enumerate(reversed(tile_dims[-len(physical):])):  # minor first
+      physical[-1 - k] = -(-physical[-1 - k] // t) * t
+  element = re.search(r"E\((\d+)\)", attributes)
+  if element:
+    bits = int(element.group(1))
+  return math.prod(physical) * bits // 8, logical
+
+
+def _shape_bytes(text: str) -> tuple[int, int]:
+  sizes = [array_bytes(*m) for m in _ARRAY_RE.findall(text)]
+  return sum(p for p, _ in sizes), sum(l for _, l in sizes)
+
+
+def _operands(rest: str) -> list[str]:
+  """Operand names of an instruction: the ``%names`` up to the opcode's closing parenthesis."""
+  depth = 1
+  for i, char in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return re.findall(r"%([\w.\-]+)", rest[:i])
+  return re.findall(r"%([\w.\-]+)", rest)
+
+
+def breakdown(hlo_text: str, top: int = 10) -> dict[str, Any]:
+  """Bytes read and written by each top-level instruction of an optimised HLO module's entry.
+
+  Each instruction is charged its operands' and its output's sizes in their TPU tiled layouts;
+  parameters, constants, tuples and bitcasts nothing. Asynchronous pairs follow what the
+  compiler's own total was found to count: a ``copy-start`` its operand and its output tuple
+  (destination and source) and its ``copy-done`` the copy again, so an async copy costs four
+  times its size; a ``slice-start`` the slice; other ``-done`` halves nothing.
+
+  This reproduces the compiler's ``bytes accessed`` to 0.1-1.6% for the CIFAR ResNet train
+  steps on v5e (``breakdown.coverage`` in the record), not exactly: the compiler also charges
+  costs this accounting cannot see, e.g. about 0.5 MB for each small ``gather`` (what
+  ``jnp.diagonal`` lowers to), and an operand read by two instructions inside one fusion twice
+  (a tiny ``convnet_mnist`` step is the known outlier: 113% for ReLU, 91% for ATAC).
+
+  Returns:
+    ``{'total_bytes', 'logical_bytes' (unpadded), 'instructions', 'by_op': {op: bytes},
+    'by_source': [{'source', 'bytes', 'instructions'}, ...],
+    'top': [{'bytes', 'output_bytes', 'padding', 'op', 'name', 'shape', 'source'}, ...]}``:
+    ``op`` is the opcode with the fusion kind (``fusion:kOutput``), ``source`` the JAX op the
+    instruction came from (its ``op_name``); ``by_source`` sums instructions whose source is
+    the same up to numbers (``stage*_block*/act*/...``: one entry per kind of layer). ``top``
+    and ``by_source`` hold the ``top`` largest, by bytes.
+  """
+  start = hlo_text.find("\nENTRY")
+  if start < 0:
+    raise ValueError("no ENTRY computation in the HLO text.")
+  entry = hlo_text[start + 1:]
+  end = entry.find("\n}")
+  entry = entry[:end if end >= 0 else len(entry)]
+  sizes: dict[str, tuple[int, int]] = {}
+  rows = []
+  for line in entry.splitlines()[1:]:
+    match = _INSTRUCTION_RE.match(line)
+    if not match:
+      continue
+    name, shape, op, rest = match.groups()
+    out = _shape_bytes(shape)
+    sizes[name] = out
+    if op in _FREE:
+      continue
+    inputs = [sizes.get(o, (0, 0)) for o in _operands(rest)]
+    if op == "slice-start":  # reads the slice (element 1 of its output) into on-chip memory
+      arrays = _ARRAY_RE.findall(shape)
+      inputs, out = ([array_bytes(*arrays[1])] if len(arrays) > 1 else inputs), (0, 0)
+    elif op.endswith("-done"):
+      if op != "copy-done":
+        continue
+      inputs = []  # its operand is the -start's tuple; the copy's output is written again
+    padded = out[0] + sum(p for p, _ in inputs)
+    logical = out[1] + sum(l for _, l in inputs)
+    kind = re.search(r"\bkind=(k\w+)", rest)
+    source = re.search(r'op_name="([^"]*)"', rest)
+    rows.append({"bytes": padded, "logical_bytes": logical, "output_bytes": out[0],
+                 "padding": round(padded / logical, 2) if logical else 1.0,
+                 "op": f"{op}:{kind.group(1)}" if kind else op, "name": name,
+                 "shape": shape if len(shape) <= 160 else shape[:157] + "...",
+                 "source": re.sub(r"^jit\([^)]*\)/", "", source.group(1)) if source else ""})
+  by_op: dict[str, int] = collections.Counter()
+  by_source: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+  for row in rows:
+    by_op[row["op"]] += row["bytes"]
+    head, _, tail = row["source"].partition("/")  # the model's name keeps its digits
+    group = by_source[head + _ + re.sub(r"\d+", "*", tail)]
+    group[0] += row["bytes"]
+    group[1] += 1
+  rows.sort(key=lambda r: r["bytes"], reverse=True)
+  sources = sorted(by_source.items(), key=lambda item: item[1][0], reverse=True)[:top]
+  return {"total_bytes": sum(r["bytes"] for r in rows),
+          "logical_bytes": sum(r["logical_bytes"] for r in rows), "instructions": len(rows),
+          "by_op": dict(by_op.most_common()),
+          "by_source": [{"source": k, "bytes": v[0], "instructions": v[1]} for k, v in sources],
+          "top": rows[:top]}
+
+
+def format_breakdown(record: dict[str, Any]) -> str:
+  """A readable table of a record's breakdown (printed to stderr; stdout stays JSON lines)."""
+  b = record["breakdown"]
+  lines = [f"# {record['model']} {record['act']} on {record['topology']}: "
+           f"{b['total_bytes'] / 1e9:.3f} GB over {b['instructions']} instructions "
+           f"({b['coverage']:.1%} of bytes accessed; {b['total_bytes'] / b['logical_bytes']:.2f}x "
+           "the unpadded size)",
+           f"{'MB':>8} {'pad':>5}  {'op':<16} {'shape':<48} source"]
+  for r in b["top"]:
+    lines.append(f"{r['bytes'] / 1e6:8.1f} {r['padding']:5.2f}  {r['op'][:16]:<16} "
+                 f"{r['shape'][:48]:<48} {r['source'][-90:]}")
+  lines.append(f"{'GB':>8} {'n':>5}  source, numbers as *")
+  for g in b["by_source"]:
+    lines.append(f"{g['bytes'] / 1e9:8.3f} {g['instructions']:5d}  {g['source'][-120:]}")
+  lines.append("by op: " + ", ".join(f"{op} {v / 1e9:.3f} GB" for op, v in
+                                     list(b["by_op"].items())[:6]))
+  return "\n".join(lines)
+
+
+def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]]:
+  """``atac-bench compile``: compiles A (and B), emits one record per side and the ratios."""
+  topology = parse_topology(args.topology)
+  check_batch(args.batch, topology)
+  if args.breakdown < 0:
+    raise ValueError(f"--breakdown must be >= 0 (instructions to list), got {args.breakdown}.")
+  require_libtpu()
+  emit = emit or (lambda record: print(json.dumps(record), flush=True))
+  records = []
+  for side, config in (("a", config_a), ("b", config_b)):
+    if config is None:
+      continue
+    record, compiled = compile_step(config, topology)
+    record = {"side": side, **record}
+    if args.breakdown:
+      b = breakdown(compiled.as_text(), args.breakdown)
+      b["coverage"] = round(b["total_bytes"] / record["cost_per_chip"]["bytes_accessed"], 4)
+      record["breakdown"] = b
+      print(format_breakdown(record), file=sys.stderr, flush=True)
+    emit(record)
+    records.append(record)
+  if len(records) == 2:
+    records.append(ratios(*records))
+    emit(records[-1])
+  return records
+
+
+def main(args) -> list[dict[str, Any]]:
+  """Runs ``atac-bench compile`` for parsed ``args``; a bad argument or no libtpu exits 2."""
+  from train import bench  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # effective when JAX has not started yet
+  other = argparse.Namespace(act_option=args.compare_act_option)
+  try:
+    config_a = bench._train_config(args, args.act, bench._act_options(args))  # pylint: disable=protected-access
+    config_b = (bench._train_config(args, args.compare, bench._act_options(other))  # pylint: disable=protected-access
+                if args.compare else None)
+    return run_compile(args, config_a, config_b,
+                       emit=lambda record: bench._emit(record, args.out))  # pylint: disable=protected-access
+  except (ValueError, LibtpuMissingError) as error:
+    print(f"atac-bench: error: {error}", file=sys.stderr)
+    sys.exit(2)
