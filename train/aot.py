@@ -170,8 +170,11 @@ def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
   n = config.global_batch_size
   batch = {"image": struct((n, *s.info.image_shape), np.float32, s.batch_sharding),
            "label": struct((n,), np.int32, s.batch_sharding)}
+  from atac_jax import ops  # pylint: disable=g-import-not-at-top
+  with ops.policy.lowering_platform("tpu"):  # the ops' per-backend choices for the target
+    lowered = train_step.lower(state, batch)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
