@@ -175,8 +175,11 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   ku32, bu32 = cast(ku), cast(bu)
   dy2 = dy.astype(f32)
   z32 = z.astype(f32)
-  s32 = jax.nn.sigmoid(z32).astype(xin.dtype).astype(f32)
-  dz = dy2 * xin.astype(f32) * (s32 * (1 - s32))
+  # sigmoid'(z) = s (1 - s) = 1 / (4 cosh^2(z / 2)): accurate in both tails (0.5 tanh(z/2) + 0.5
+  # underflows to 0 at z = -20), and it shares no transcendental with dy * s below (an exp),
+  # so XLA:CPU fuses each into its consumer instead of writing exp(-z) out.
+  dsig = 0.25 / jnp.square(jnp.cosh(0.5 * z32))
+  dz = dy2 * xin.astype(f32) * dsig
 
   # Up BatchNorm: z = (u - m2) * rs2 * g2 + b2, u = a @ Wu + bu.
   rs2 = lax.rsqrt(v2 + cfg.epsilon)
@@ -251,9 +254,20 @@ def _live(ct):
   return ct
 
 
-def _tie(x, dy):
-  """``x`` made to depend on ``dy`` through exact zeros (see ``reductions.opaque_zero_like``)."""
-  return x + reductions.opaque_zero_like(dy).astype(x.dtype)
+def _tie(x, small, dy):
+  """``(x, small)``, made to depend on the cotangent ``dy`` so the recomputation runs late.
+
+  The backward pass recomputes the bottleneck from ``x`` and the (small) parameters ``small``;
+  without a dependency on ``dy`` XLA may merge it with the forward pass (CSE) or schedule it
+  early, either of which keeps the bottleneck alive from the forward to the backward pass. Per
+  :func:`atac_jax.ops.policy.choice` ``'tie'``: an optimisation barrier over the parameters and
+  ``dy`` (no extra memory traffic), or, where XLA drops barriers (XLA:CPU), exact zeros derived
+  from ``dy`` added to ``x`` element-wise (``reductions.opaque_zero_like``; no collective).
+  """
+  if policy.choice("tie") == "barrier":
+    small, _ = jax.lax.optimization_barrier((small, dy))
+    return x, small
+  return x + reductions.opaque_zero_like(dy).astype(x.dtype), small
 
 
 def _lean_jvp(run, backward_fn, primals, tangents):
@@ -294,7 +308,8 @@ def _train_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, params), (batch,) = primals, stats
     dy, dstats = ct
-    dx, dparams, _ = backward(_tie(x, dy), params, batch, gram, dy, dstats, cfg,
+    x, params = _tie(x, params, dy)
+    dx, dparams, _ = backward(x, params, batch, gram, dy, dstats, cfg,
                               batch_stats=True)
     return dx, dparams
   return _lean_jvp(functools.partial(_train_gate_run, cfg), backward_fn, primals, tangents)
@@ -314,7 +329,8 @@ def _eval_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, _, __, ct):
     x, params, stats = primals
     (dy,) = ct
-    return backward(_tie(x, dy), params, stats, None, dy, None, cfg, batch_stats=False)
+    x, params = _tie(x, params, dy)
+    return backward(x, params, stats, None, dy, None, cfg, batch_stats=False)
   out, tangent = _lean_jvp(functools.partial(_eval_gate_run, cfg), backward_fn, primals,
                            tangents)
   return out[0], tangent[0]
@@ -367,7 +383,8 @@ def _norm_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, norm_affine, params), (moments, batch) = primals, stats
     dy, dmoments, dbatch = ct
-    gate_x, folded = _gate_input(_tie(x, dy), moments, norm_affine, cfg.norm_epsilon,
+    x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy)
+    gate_x, folded = _gate_input(x_tied, moments, norm_tied, cfg.norm_epsilon,
                                  cfg.dtype, cfg.fold)
     dp, dparams, _ = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
                               batch_stats=True, norm=folded)

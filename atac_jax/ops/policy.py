@@ -43,6 +43,7 @@ _CHOICES = {
     "colsum": {"cpu": "ones_matmul", "default": "reduce"},
     "fold_norm": {"cpu": True, "default": False},
     "gate_impl": {"default": "lean"},
+    "tie": {"cpu": "zeros", "default": "barrier"},
 }
 
 
