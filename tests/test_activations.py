@@ -68,3 +68,34 @@ def test_bfloat16_output_is_finite(name):
 def test_module_name_is_used():
   act = get_activation("atac", reduction=2, name="act1")
   assert act.name == "act1"
+
+
+ATAC_RANK = pytest.mark.xfail(strict=False, reason="ATAC any rank: lead's ATAC rewrite")
+MIN_RANK = {"xunit": 3}  # every other activation takes any channels-last rank >= 2
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 5, 8), (2, 3, 4, 8), (2, 2, 3, 4, 8)])
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_channels_last_ranks(request, name, shape):
+  """``(N, C)``, ``(N, L, C)``, ``(N, H, W, C)``, ``(N, D, H, W, C)``; XUnit needs a spatial axis."""
+  if name.startswith("atac") and len(shape) != 4:
+    request.applymarker(ATAC_RANK)
+  options = {"reduction": 2} if "reduction" in activation_options(name) else {}
+  x = jax.random.normal(jax.random.key(0), shape)
+  if len(shape) < MIN_RANK.get(name, 2):
+    with pytest.raises(ValueError, match=r"rank >= 3 \(accepted: \(N, L, C\), \(N, H, W, C\)"):
+      _run(get_activation(name, **options), x, train=True)
+    return
+  for train in (True, False):
+    y = _run(get_activation(name, **options), x, train=train)
+    chex.assert_shape(y, shape)
+    chex.assert_tree_all_finite(y)
+
+
+def test_prelu_sows_its_slope():
+  prelu = get_activation("prelu")
+  x = jnp.array([[-2.0, 3.0]])
+  y, state = prelu.apply({"params": {"negative_slope": jnp.array([0.1])}}, x,
+                         mutable=["intermediates"])
+  np.testing.assert_allclose(y, [[-0.2, 3.0]], rtol=1e-6)
+  np.testing.assert_allclose(state["intermediates"]["negative_slope"][0], [0.1])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atac_jax.layers import AReLU
+from atac_jax.layers import AReLU, arelu
 
 X = jnp.array([-3, -1, -0.5, -1e-3, 0, 1e-3, 0.5, 1, 3], jnp.float32)
 GOLDEN_Y = [-2.7, -0.9, -0.45, -9e-4, 0, 1.8807970780e-3, 0.94039853899, 1.8807970780,
@@ -54,3 +54,34 @@ def test_dtype_and_nhwc(dtype):
   y = jax.jit(lambda v, x: module.apply(v, x, train=True))(variables, x)
   chex.assert_type(y, dtype)
   chex.assert_shape(y, x.shape)
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 3), (2, 5, 3), (2, 3, 4, 3), (1, 2, 3, 4, 3)])
+def test_any_rank(shape):
+  x = np.random.RandomState(0).normal(size=shape).astype(np.float32)
+  y = AReLU().apply({"params": {"alpha": jnp.array([0.3]), "beta": jnp.array([0.5])}}, x)
+  expected = np.where(x >= 0, x * (1 + 1 / (1 + np.exp(-0.5))), 0.3 * x)
+  np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def test_slopes_are_exposed_by_method_and_sown():
+  """Introspection contract: ``slopes()`` and the sown ``negative_slope``/``positive_slope``."""
+  params = {"alpha": jnp.array([1.5]), "beta": jnp.array([-1.0])}
+  expected = (0.99, 1 + 1 / (1 + np.exp(1.0)))  # clamp(alpha, 0.01, 0.99), 1 + sigmoid(beta)
+  negative, positive = AReLU().apply({"params": params}, method="slopes")
+  np.testing.assert_allclose([negative[0], positive[0]], expected, rtol=1e-6)
+  y, state = AReLU().apply({"params": params}, X, mutable=["intermediates"])
+  sown = state["intermediates"]
+  np.testing.assert_allclose([sown["negative_slope"][0][0], sown["positive_slope"][0][0]],
+                             expected, rtol=1e-6)
+  np.testing.assert_allclose(y, np.where(X >= 0, X * expected[1], X * expected[0]), rtol=1e-6)
+  np.testing.assert_allclose(arelu.slopes(params["alpha"], params["beta"]),
+                             [[expected[0]], [expected[1]]], rtol=1e-6)
+
+
+def test_parameter_contract():
+  params = AReLU().init(jax.random.key(0), X)["params"]
+  assert arelu.is_arelu_params(params)
+  assert not arelu.is_arelu_params({**params, "gamma": jnp.zeros((1,))})
+  assert not arelu.is_arelu_params({"alpha": jnp.zeros((2,)), "beta": jnp.zeros((1,))})
+  assert not arelu.is_arelu_params(jnp.zeros((1,)))

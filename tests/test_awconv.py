@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atac_jax.layers import AWConv, adaptive_avg_pool, per_sample_conv
+from atac_jax.layers import AWConv, KernelAttention, adaptive_avg_pool, per_sample_conv
 
 
 def _explicit_padding(size, kernel, stride, padding):
@@ -41,7 +41,7 @@ def _unfold_conv(x, kernels, stride, padding):
 PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1))]
 
 
-@pytest.mark.parametrize("impl", ["grouped", "vmap"])
+@pytest.mark.parametrize("impl", ["grouped", "vmap", "patches"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_per_sample_conv_matches_unfold(impl, stride, padding):
@@ -89,9 +89,25 @@ def test_generator_is_replaceable_and_all_ones_is_plain_conv():
   np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_awconv_sows_its_kernel_attention():
+  x = np.random.RandomState(1).normal(size=(2, 6, 6, 4)).astype(np.float32)
+  layer = AWConv(5, 3, reduction=2)
+  variables = layer.init(jax.random.key(0), x)
+  y, state = layer.apply(variables, x, mutable=["intermediates"])
+  (attention,) = state["intermediates"]["kernel_attention"]
+  expected = KernelAttention(5, (3, 3), reduction=2).apply(
+      {"params": variables["params"]["attention"]}, x)
+  np.testing.assert_allclose(attention, expected, rtol=1e-6)
+  kernels = attention * np.asarray(variables["params"]["kernel"])[None]
+  np.testing.assert_allclose(y, _unfold_conv(x, kernels, 1, "SAME"), rtol=1e-4, atol=1e-4)
+  # Nothing is sown unless the collection is mutable.
+  assert layer.apply(variables, x).shape == y.shape
+
+
 def test_adaptive_avg_pool_bins():
   x = np.arange(2 * 5 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 1)
   y = np.asarray(adaptive_avg_pool(jnp.asarray(x), (3, 2)))
+  assert y.dtype == np.float32
   rows = [(0, 2), (1, 4), (3, 5)]  # floor(i*5/3) .. ceil((i+1)*5/3)
   cols = [(0, 2), (2, 4)]
   for i, (t, b) in enumerate(rows):

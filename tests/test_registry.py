@@ -157,3 +157,33 @@ def test_resnet50_macs_match_paper():
   """The ATAC paper quotes 4.09 G MACs for ResNet-50 and 4.40 G for ATAC-ResNet-50."""
   relu_macs, atac_macs = MACS[1][3:]
   assert (round(relu_macs / 1e9, 2), round(atac_macs / 1e9, 2)) == (4.09, 4.40)
+
+
+class _Detector(nn.Module):
+  """A parent module holding a registry model as a named submodule (a detection backbone)."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    features = create("resnet18", num_classes=1, return_features=True, name="backbone")(
+        x, train=train)
+    return nn.Dense(2, name="box_head")(jnp.mean(features["c5"], axis=(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet18", "alexnet_cifar", "convnet_mnist"])
+def test_create_takes_the_module_name(name):
+  model = create(name, num_classes=10, name="backbone")
+  assert model.name == "backbone"
+  assert create(name, num_classes=10).name is None
+
+
+def test_named_model_inside_a_parent():
+  shapes = jax.eval_shape(lambda: _Detector().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                   train=False))
+  assert set(shapes["params"]) == {"backbone", "box_head"}
+  assert "conv_init" in shapes["params"]["backbone"]
+
+
+def test_check_input_lists_sizes_for_concrete_shapes():
+  model = create("resnet18", num_classes=10)
+  with pytest.raises(ValueError, match=r"at least 32x32 \(accepted: H, W >= 32\)"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 31, 3)), train=False))

@@ -4,10 +4,12 @@ import json
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+from atac_jax.layers import AReLU
 from conftest import small_quickstart_config
 from configs import quickstart
 from train import data, parallel, trainer
@@ -109,3 +111,32 @@ def test_quickstart_reaches_95_percent(tmp_path):
   assert records[-1]["eval/accuracy"] == result["eval/accuracy"]
   assert {"config.json", "learning_curve.png", "checkpoints", "tensorboard"} <= set(
       os.listdir(tmp_path))
+
+
+class _Decoys(nn.Module):
+  """Two AReLU units beside modules whose parameters are merely *named* alpha/beta."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = AReLU(name="act1")(x)
+    x = x * self.param("alpha", nn.initializers.constant(2.0), (1,))  # not an AReLU
+    block = _Scaled(name="block")
+    x = block(x)
+    return AReLU(alpha_init=0.3, beta_init=-1.0, name="act2")(x)
+
+
+class _Scaled(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    alpha = self.param("alpha", nn.initializers.constant(0.5), (1,))
+    beta = self.param("beta", nn.initializers.constant(0.1), (1,))
+    gamma = self.param("gamma", nn.initializers.constant(1.0), (1,))
+    return x * alpha + beta * gamma
+
+
+def test_arelu_scalars_reports_only_arelu_units():
+  params = _Decoys().init(jax.random.key(0), np.ones((2, 3), np.float32))["params"]
+  assert trainer.arelu_scalars(params) == {
+      "arelu/act1/alpha": pytest.approx(0.9), "arelu/act1/beta": pytest.approx(2.0),
+      "arelu/act2/alpha": pytest.approx(0.3), "arelu/act2/beta": pytest.approx(-1.0)}
+  assert trainer.arelu_scalars({}) == {}

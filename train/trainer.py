@@ -18,6 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from atac_jax import models
+from atac_jax.layers import arelu
 from train import checkpointing, data, optim, parallel, steps
 from train.metrics import MetricWriter, Progress, Throughput
 from train.state import TrainState, create_train_state
@@ -122,17 +123,26 @@ def evaluate(eval_step, variables: dict, config: ml_collections.ConfigDict, s: S
 
 
 def arelu_scalars(params: Any) -> dict[str, float]:
-  """AReLU's learned ``alpha`` and ``beta`` per layer as ``arelu/<module path>/{alpha,beta}``.
+  """AReLU's learned ``alpha`` and ``beta`` per unit as ``arelu/<module path>/{alpha,beta}``.
 
-  Raw parameter values (the negative slope is ``clip(alpha, 0.01, 0.99)``, the positive slope
-  ``1 + sigmoid(beta)``). Empty for models without AReLU.
+  Units are found by AReLU's parameter contract (``atac_jax.layers.arelu.is_arelu_params``: a
+  module whose parameters are exactly ``alpha`` and ``beta`` of shape (1,)), not by any
+  parameter that happens to be named ``alpha`` or ``beta``. Raw parameter values (the slopes are
+  ``atac_jax.layers.arelu.slopes(alpha, beta)``). Empty for models without AReLU.
   """
   found = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if names[-1] in ("alpha", "beta") and leaf.shape == (1,):
-      found["arelu/" + "/".join(names)] = leaf
-  return {name: float(np.asarray(value)[0]) for name, value in jax.device_get(found).items()}
+
+  def visit(node: Any, path: tuple[str, ...]) -> None:
+    if arelu.is_arelu_params(node):
+      for name in sorted(node):
+        found["/".join(("arelu", *path, name))] = node[name]
+    elif hasattr(node, "items"):
+      for key, child in node.items():
+        visit(child, (*path, str(key)))
+
+  visit(params, ())
+  return {name: float(np.asarray(value).reshape(-1)[0])
+          for name, value in jax.device_get(found).items()}
 
 
 class _Preemption:

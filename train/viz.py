@@ -3,17 +3,15 @@
     atac-viz --workdir workdirs/quickstart --dataset-index 0 --out gates.png
     atac-viz --workdir workdirs/quickstart --image my_digit.png --out gates.png [--step N]
 
-Every unit is read out exactly, not reconstructed as ``y / x``: one eval-mode forward pass records
-each unit's input (``flax.linen.intercept_methods``), then each unit is re-applied alone to that
-input with a ``capture_intermediates`` filter on its pre-gate submodule, and the unit's own gate
-function is applied to it. ATAC and ``atac_global``: ``sigmoid(bn_up output)`` (read through the
-plain path, whose variables and values equal the fused ``memory_lean`` one); SE: ``sigmoid(fc_up
-output)``; xUnit: ``exp(-(bn_out output)^2)``. So ``unit(x) == x * gate`` element-wise. The
-figure shows the input, then one panel per unit in forward order: the gate averaged over
-channels as a heat map (``--reduce top-channel``: the channel whose gate varies most over the
-pixels), on a shared 0..1 colour scale; units with one gate per channel (SE, ``atac_global``)
-show their channel gates as a small grid. AReLU has no gate map; its learnt slopes
-(``clamp(alpha)`` for x < 0, ``1 + sigmoid(beta)`` for x >= 0) are drawn as a bar chart.
+Every unit is read out exactly through the units' introspection contract (``atac_jax.layers``),
+not reconstructed as ``y / x``: one eval-mode forward pass with the ``intermediates`` collection
+mutable, in which each gate unit (ATAC, ``atac_global``, SE, xUnit) sows its ``gate``, with
+``unit(x) == x * gate`` element-wise, and each AReLU its two slopes (``negative_slope``,
+``positive_slope``). The figure shows the input, then one panel per unit in forward order: the
+gate averaged over channels as a heat map (``--reduce top-channel``: the channel whose gate
+varies most over the pixels), on a shared 0..1 colour scale; units with one gate per channel
+(SE, ``atac_global``) show their channel gates as a small grid. AReLU has no gate map; its learnt
+slopes are drawn as a bar chart.
 
 The image is preprocessed exactly like eval: ``--dataset-index N`` takes example N of the
 config's eval split (or ``--split``); ``--image FILE`` is converted to the dataset's channel
@@ -33,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from train.gates import VizError, arelu_slopes, forward, gate_maps  # noqa: F401  (re-exported)
+from train.gates import VizError, forward, gate_maps  # noqa: F401  (re-exported)
 
 
 def panel_grid(num_panels: int, max_cols: int) -> tuple[int, int]:
@@ -283,8 +281,7 @@ def visualize(workdir: str, out: str, *, image: str | None = None,
   model, variables, config = checkpoint.load(step_dir)
   example = (load_image_file(config, image) if image is not None
              else load_example(config, dataset_index, split=split))
-  logits, gates, arelu_paths = forward(model, variables, example.image)
-  slopes = arelu_slopes(variables, arelu_paths)
+  logits, gates, slopes = forward(model, variables, example.image)
   act = config["model"]["act"]
   if not gates and not slopes:
     raise VizError(f"No attention units in this model (act={act}, model "

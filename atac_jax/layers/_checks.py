@@ -15,6 +15,19 @@ def check_rank(x: Any, *, rank: int, layer: str, layout: str = "NHWC") -> None:
         f"Pass a batch of images shaped ({', '.join(layout)}).")
 
 
+CHANNELS_LAST = {2: "(N, C)", 3: "(N, L, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}
+
+
+def check_min_rank(x: Any, *, min_rank: int, layer: str) -> None:
+  """Raises ValueError unless ``x`` is channels-last with at least ``min_rank`` dimensions."""
+  ndim = getattr(x, "ndim", None)
+  if ndim is None or ndim < min_rank:
+    examples = ", ".join(v for k, v in CHANNELS_LAST.items() if k >= min_rank)
+    raise ValueError(
+        f"{layer} expects a channels-last input of rank >= {min_rank} (accepted: {examples}, "
+        f"...), got shape {getattr(x, 'shape', None)}.")
+
+
 def check_positive(value: Any, *, option: str, layer: str) -> None:
   """Raises ValueError unless ``value`` is a number greater than zero."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

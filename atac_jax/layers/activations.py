@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atac_jax.layers import _conventions
 from atac_jax.layers.arelu import AReLU
 from atac_jax.layers.atac import ATAC
 from atac_jax.layers.attention import SE, XUnit
@@ -27,35 +28,52 @@ from atac_jax.layers.attention import SE, XUnit
 class PReLU(nn.Module):
   """Parametric ReLU with one slope shared by all channels (He et al. 2015; init 0.25).
 
+  Any input rank. Introspection: each call sows ``negative_slope`` (shape ``(1,)``) into the
+  ``intermediates`` collection.
+
   Attributes:
     negative_slope_init: initial slope for negative inputs (parameter ``negative_slope``, shape
       ``(1,)``).
-    dtype: computation dtype; ``None`` infers it from the input.
+    dtype: computation and output dtype; ``None``: the promotion of input and parameter dtypes.
     param_dtype: parameter dtype.
+    train: accepted for the common convention (the result does not depend on it); give it here
+      or at call time, not both.
   """
   negative_slope_init: float = 0.25
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  train: bool | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     """Applies ``max(x, 0) + slope * min(x, 0)``; ``train`` is accepted for the convention."""
-    del train
+    _conventions.merge_train(self.train, train, required=False)
     slope = self.param("negative_slope", nn.initializers.constant(self.negative_slope_init), (1,),
                        self.param_dtype)
+    self.sow("intermediates", "negative_slope", slope)
     x, slope = nn.dtypes.promote_dtype(x, slope, dtype=self.dtype)
     return jnp.where(x >= 0, x, slope * x)
 
 
 @dataclasses.dataclass(frozen=True)
 class Elementwise:
-  """A parameter-free activation with the common ``act(x, train=...)`` signature."""
-  name: str
-  fn: Callable[[jnp.ndarray], jnp.ndarray]
+  """A parameter-free activation with the common ``act(x, train=...)`` signature.
 
-  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  ``train`` is accepted and ignored; the output has the input's dtype and shape (any rank).
+  Registered activations pickle by name (``get_activation(name)`` on load), since some JAX
+  activation functions cannot be pickled themselves.
+  """
+  name: str
+  fn: Callable[[jax.Array], jax.Array]
+
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     del train
     return self.fn(x)
+
+  def __reduce__(self):
+    if _FUNCTIONS.get(self.name) is self.fn:
+      return get_activation, (self.name,)
+    return Elementwise, (self.name, self.fn)
 
 
 def mish(x: jnp.ndarray) -> jnp.ndarray:

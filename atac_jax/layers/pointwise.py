@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from atac_jax.layers import initializers
 
 
 class PointwiseConv(nn.Module):
-  """1x1 convolution on NHWC input, computed as ``x @ kernel[0, 0]``.
+  """1x1 convolution on channels-last input of any rank, computed as ``x @ kernel[0, 0]``.
 
   The parameter is stored exactly as ``flax.linen.Conv`` stores a 1x1 kernel (``kernel`` of shape
   ``(1, 1, C_in, features)``, optional ``bias`` of shape ``(features,)``), so checkpoints are
@@ -25,20 +28,20 @@ class PointwiseConv(nn.Module):
   Attributes:
     features: number of output channels.
     use_bias: whether to add a bias.
-    dtype: computation dtype (``None``: inferred from input and params).
+    dtype: computation and output dtype; ``None``: the promotion of input and parameter dtypes.
     param_dtype: parameter dtype.
-    kernel_init: kernel initializer (flax's conv default).
+    kernel_init: kernel initializer (default: LeCun normal, flax's conv default, picklable).
     bias_init: bias initializer.
   """
   features: int
   use_bias: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
+  kernel_init: Any = initializers.lecun_normal
   bias_init: Any = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) \

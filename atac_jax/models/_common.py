@@ -7,10 +7,12 @@ import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from atac_jax.layers import ATAC, BatchNormVariables, activation_options, get_activation
+from atac_jax.layers import initializers
 
 ModuleDef = Any
 ActivationFactory = Callable[..., Any]
@@ -20,7 +22,8 @@ SHARED_ACTIVATION_OPTIONS = ("reduction", "dtype", "param_dtype")
 
 # He (MSRA) normal initialisation, fan-in: the reference scripts' ``MSRAPrelu`` / ``Xavier(
 # rnd_type='gaussian', factor_type='in', magnitude=2)`` for the host networks' convolutions.
-he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# (Picklable; draws what ``nn.initializers.variance_scaling(2.0, "fan_in", "normal")`` draws.)
+he_normal = initializers.he_normal
 
 
 def freeze_options(options: Mapping[str, Any] | None) -> FrozenDict:
@@ -111,8 +114,19 @@ def check_int_range(value: Any, *, option: str, model: str, low: int, high: int)
                      f"got {value!r}.")
 
 
+def _smaller(dim: Any, size: int) -> bool:
+  """``dim < size``; False where a symbolic dimension (``jax.export``) leaves it undecided."""
+  try:
+    return bool(dim < size)
+  except jax.errors.InconclusiveDimensionOperation:
+    return False
+
+
 def check_input(x: Any, *, model: str, in_channels: int | None, min_size: int) -> None:
   """Validates an NHWC image batch.
+
+  Symbolic heights and widths (``jax.export.symbolic_shape``) are checked only as far as their
+  constraints decide it (e.g. ``constraints=("h >= 32",)``); otherwise the check is skipped.
 
   Args:
     x: the input array.
@@ -129,6 +143,6 @@ def check_input(x: Any, *, model: str, in_channels: int | None, min_size: int) -
   if in_channels is not None and shape[-1] != in_channels:
     raise ValueError(f"{model} expects {in_channels} input channel(s) (accepted: C = "
                      f"{in_channels}; pass in_channels=None to accept any), got shape {shape}.")
-  if min(shape[1:3]) < min_size:
+  if any(_smaller(dim, min_size) for dim in shape[1:3]):
     raise ValueError(f"{model} needs images of at least {min_size}x{min_size} (accepted: H, W >= "
                      f"{min_size}), got shape {shape}.")

@@ -14,6 +14,7 @@ import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
@@ -65,6 +66,8 @@ class AlexNet(nn.Module, kw_only=True):
     in_channels: expected input channels (3), or ``None`` for any.
     dtype: computation dtype; logits are returned in float32.
     param_dtype: parameter dtype.
+    train: use batch statistics and dropout (which needs a ``dropout`` rng); give it here or at
+      call time (``model.apply(variables, x, train=...)``), not both.
   """
   num_classes: int = 10
   act: str = "relu"
@@ -76,6 +79,7 @@ class AlexNet(nn.Module, kw_only=True):
   in_channels: int | None = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  train: bool | None = None
 
   def _chosen_activation(self) -> _common.ActivationFactory:
     options = dict(self.act_options)
@@ -91,8 +95,9 @@ class AlexNet(nn.Module, kw_only=True):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     """Returns float32 logits ``(N, num_classes)``; ``train=True`` applies dropout."""
+    train = nn.merge_param("train", self.train, train)
     _common.check_input(x, model="alexnet_cifar", in_channels=self.in_channels,
                         min_size=MIN_SIZE)
     flags = tuple(i + self.act_layers >= len(CONVS) for i in range(len(CONVS)))

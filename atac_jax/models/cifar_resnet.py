@@ -14,6 +14,7 @@ import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
@@ -49,15 +50,18 @@ class BasicBlockV2(nn.Module):
     conv: convolution factory (no bias, padding 1).
     norm: BatchNorm factory (training mode already bound).
     act: activation factory ``act(name=...)``.
+    train: training mode for the activations; here or at call time, not both.
   """
   features: int
   strides: int
   conv: _common.ModuleDef
   norm: _common.ModuleDef
   act: _common.ActivationFactory
+  train: bool | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+    train = nn.merge_param("train", self.train, train)
     residual = x
     y = _common.norm_act(x, norm=self.norm, act=self.act, norm_name="bn1",
                          act_name="act1", train=train)
@@ -92,6 +96,8 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     epsilon: BatchNorm epsilon of the host network.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
     param_dtype: parameter dtype.
+    train: use batch statistics (and update ``batch_stats``); give it here or at call time
+      (``model.apply(variables, x, train=...)``), not both.
   """
   depth: int = 20
   num_classes: int = 10
@@ -104,6 +110,7 @@ class CIFARResNetV2(nn.Module, kw_only=True):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  train: bool | None = None
 
   def __post_init__(self) -> None:
     check_depth(self.depth)
@@ -114,8 +121,9 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     """Returns float32 logits ``(N, num_classes)`` for NHWC images ``x``."""
+    train = nn.merge_param("train", self.train, train)
     _common.check_input(x, model=f"cifar_resnet{self.depth}", in_channels=self.in_channels,
                         min_size=4)
     blocks = check_depth(self.depth)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
@@ -34,6 +35,8 @@ class ConvMNIST(nn.Module, kw_only=True):
     in_channels: expected input channels (1), or ``None`` for any.
     dtype: computation dtype; logits are returned in float32.
     param_dtype: parameter dtype.
+    train: training mode (batch statistics of the activations that have them); give it here or
+      at call time (``model.apply(variables, x, train=...)``), not both.
   """
   num_classes: int = 10
   act: str = "relu"
@@ -43,6 +46,7 @@ class ConvMNIST(nn.Module, kw_only=True):
   in_channels: int | None = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  train: bool | None = None
 
   def __post_init__(self) -> None:
     _common.check_int_range(self.act_layers, option="act_layers", model="ConvMNIST", low=0,
@@ -52,8 +56,9 @@ class ConvMNIST(nn.Module, kw_only=True):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
     """Returns float32 logits ``(N, num_classes)`` for NHWC images ``x``."""
+    train = nn.merge_param("train", self.train, train)
     _common.check_input(x, model="convnet_mnist", in_channels=self.in_channels,
                         min_size=MIN_SIZE)
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,

@@ -71,16 +71,17 @@ def _check_name(name: str) -> None:
   raise ValueError(f"Unknown model {name!r}; accepted names: {', '.join(_MODELS)}.")
 
 
-def create(name: str, *, num_classes: int, act: str = "relu", **options: Any) -> nn.Module:
+def create(name: str, /, *, num_classes: int, act: str = "relu", **options: Any) -> nn.Module:
   """Builds the host network ``name``.
 
   Args:
-    name: one of :func:`available_models`.
+    name: one of :func:`available_models` (positional).
     num_classes: classifier outputs.
     act: activation name (``atac_jax.layers.available_activations``).
     **options: model options (:func:`model_options`), e.g. ``reduction``, ``act_layers``,
-      ``act_options``, ``dtype``, ``param_dtype``; ResNet also ``zero_init_last_bn``,
-      ``awconv_stages``, ``return_features``.
+      ``act_options``, ``dtype``, ``param_dtype``, ``train``; ResNet also ``zero_init_last_bn``,
+      ``awconv_stages``, ``return_features``. ``name=`` names the module instance (e.g.
+      ``create("resnet18", num_classes=10, name="backbone")`` inside a parent module).
 
   Returns:
     An unbound linen Module, called as ``model.apply(variables, x, train=...)`` on NHWC input.
@@ -91,12 +92,14 @@ def create(name: str, *, num_classes: int, act: str = "relu", **options: Any) ->
   _check_name(name)
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"{name}: num_classes must be an integer >= 1, got {num_classes!r}.")
+  module_name = options.pop("name", None)
   accepted = model_options(name)
   unknown = sorted(set(options) - set(accepted))
   if unknown:
-    raise ValueError(f"{name} does not take option(s) {unknown}; accepted: {list(accepted)}.")
+    raise ValueError(f"{name} does not take option(s) {unknown}; accepted: "
+                     f"{[*accepted, 'name']}.")
   options = {k: _FREEZE[k](v) if k in _FREEZE else v for k, v in options.items()}
-  return _MODELS[name](num_classes=num_classes, act=act, **options)
+  return _MODELS[name](num_classes=num_classes, act=act, name=module_name, **options)
 
 
 def count_params(tree: Any) -> int:

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
@@ -59,6 +60,7 @@ class BasicBlock(nn.Module):
     norm: BatchNorm factory (training mode already bound).
     last_norm: BatchNorm factory for the block's last BN (zero-gamma option).
     act: activation factory for ``act1``.
+    train: training mode for the activation; here or at call time, not both.
   """
   features: int
   strides: int
@@ -67,9 +69,11 @@ class BasicBlock(nn.Module):
   norm: _common.ModuleDef
   last_norm: _common.ModuleDef
   act: _common.ActivationFactory
+  train: bool | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+    train = nn.merge_param("train", self.train, train)
     y = self.conv3x3(self.features, (3, 3), strides=self.strides, name="conv1")(x)
     y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn1",
                          act_name="act1", train=train)
@@ -89,6 +93,8 @@ class Bottleneck(nn.Module):
     norm: BatchNorm factory (training mode already bound).
     last_norm: BatchNorm factory for the block's last BN (zero-gamma option).
     act: activation factory for ``act1`` and ``act2``.
+    expansion: output channels per bottleneck channel.
+    train: training mode for the activations; here or at call time, not both.
   """
   features: int
   strides: int
@@ -98,9 +104,11 @@ class Bottleneck(nn.Module):
   last_norm: _common.ModuleDef
   act: _common.ActivationFactory
   expansion: int = 4
+  train: bool | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+    train = nn.merge_param("train", self.train, train)
     out_features = self.features * self.expansion
     y = self.conv(self.features, (1, 1), name="conv1")(x)
     y = _common.norm_act(y, norm=self.norm, act=self.act, norm_name="bn1",
@@ -147,6 +155,8 @@ class ResNet(nn.Module, kw_only=True):
     epsilon: BatchNorm epsilon of the host network.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
     param_dtype: parameter dtype.
+    train: use batch statistics (and update ``batch_stats``); give it here or at call time
+      (``model.apply(variables, x, train=...)``), not both.
   """
   depth: int = 50
   num_classes: int = 1000
@@ -163,6 +173,7 @@ class ResNet(nn.Module, kw_only=True):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  train: bool | None = None
 
   def __post_init__(self) -> None:
     check_depth(self.depth)
@@ -177,8 +188,10 @@ class ResNet(nn.Module, kw_only=True):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray | dict[str, jnp.ndarray]:
+  def __call__(self, x: jax.Array, train: bool | None = None
+               ) -> jax.Array | dict[str, jax.Array]:
     """Returns float32 logits ``(N, num_classes)``, or stage outputs with ``return_features``."""
+    train = nn.merge_param("train", self.train, train)
     _common.check_input(x, model=f"resnet{self.depth}", in_channels=self.in_channels, min_size=32)
     stage_sizes, bottleneck = check_depth(self.depth)
     block_cls = Bottleneck if bottleneck else BasicBlock
