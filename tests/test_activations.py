@@ -70,16 +70,13 @@ def test_module_name_is_used():
   assert act.name == "act1"
 
 
-ATAC_RANK = pytest.mark.xfail(strict=False, reason="ATAC any rank: lead's ATAC rewrite")
 MIN_RANK = {"xunit": 3}  # every other activation takes any channels-last rank >= 2
 
 
 @pytest.mark.parametrize("shape", [(4, 8), (2, 5, 8), (2, 3, 4, 8), (2, 2, 3, 4, 8)])
 @pytest.mark.parametrize("name", sorted(REQUIRED))
-def test_channels_last_ranks(request, name, shape):
+def test_channels_last_ranks(name, shape):
   """``(N, C)``, ``(N, L, C)``, ``(N, H, W, C)``, ``(N, D, H, W, C)``; XUnit needs a spatial axis."""
-  if name.startswith("atac") and len(shape) != 4:
-    request.applymarker(ATAC_RANK)
   options = {"reduction": 2} if "reduction" in activation_options(name) else {}
   x = jax.random.normal(jax.random.key(0), shape)
   if len(shape) < MIN_RANK.get(name, 2):

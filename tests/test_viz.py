@@ -19,10 +19,7 @@ from train import data, trainer, viz
 from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# gates.py reads the introspection contract: every gate unit sows intermediates/.../gate. ATAC
-# sows it once the ATAC rewrite lands; until then these tests cannot pass.
-ATAC_GATE = pytest.mark.xfail(strict=False, reason="ATAC gate sow (intermediates gate): ATAC "
-                              "rewrite")
+# gates.py reads the introspection contract: every gate unit sows intermediates/.../gate.
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,6 @@ def _expected_size(num_panels, dpi=100, **kwargs):
   return round(width * dpi), round(height * dpi)
 
 
-@ATAC_GATE
 def test_one_gate_per_atac_unit_strictly_inside_0_1(loaded):
   model, variables, config = loaded
   example = viz.load_example(config, 0)
@@ -93,7 +89,6 @@ def test_one_gate_per_atac_unit_strictly_inside_0_1(loaded):
   assert list(gates)[0] == "stage1_block1/act1" and list(gates)[-1] == "act_out"
 
 
-@ATAC_GATE
 def test_gate_is_unit_output_over_input(loaded):
   """Independent check: re-apply each trained ATAC unit alone to its input; y / x == gate."""
   model, variables, config = loaded
@@ -132,7 +127,7 @@ def _init(model, image):
                                                       train=False)
 
 
-@pytest.mark.parametrize("act", [pytest.param("atac_global", marks=ATAC_GATE), "se", "xunit"])
+@pytest.mark.parametrize("act", ["atac_global", "se", "xunit"])
 def test_other_units_gate_their_input(act):
   """For global ATAC, SE and xUnit too, ``unit(x) == x * gate``, in forward order."""
   model = _Host(act)
@@ -250,7 +245,6 @@ def test_image_file_is_resized_and_normalised(loaded, tmp_path):
   assert example.image.shape == (8, 8, 1) and example.label is None
 
 
-@ATAC_GATE
 def test_cli_draws_one_panel_per_unit(loaded, workdir, tmp_path, capsys):
   _, variables, _ = loaded
   num_units = len(_atac_units(jax.device_get(variables["params"])))

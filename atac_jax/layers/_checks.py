@@ -61,11 +61,3 @@ def bottleneck_width(channels: int, reduction: int, *, layer: str) -> int:
         f"{[d for d in range(1, channels + 1) if channels % d == 0]}.")
   return max(channels // reduction, 1)
 
-
-def check_min_rank(x: Any, *, min_rank: int, layer: str) -> None:
-  """Raises ValueError unless ``x`` is channels-last with at least ``min_rank`` dimensions."""
-  ndim = getattr(x, "ndim", None)
-  if ndim is None or ndim < min_rank:
-    raise ValueError(
-        f"{layer} expects channels-last input of rank >= {min_rank} ((N, C), (N, L, C), "
-        f"(N, H, W, C), (N, D, H, W, C), ...), got shape {getattr(x, 'shape', None)}.")
