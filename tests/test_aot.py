@@ -51,7 +51,8 @@ def test_unknown_topology_lists_accepted_forms(name):
 def test_batch_must_split_over_the_chips():
   aot.check_batch(128, aot.parse_topology("v5e:2x2"))
   aot.check_batch(8, aot.parse_topology("v4:2x2x2"))
-  with pytest.raises(ValueError, match=r"130 must be a positive multiple of the 4 chips.*e\.g\. 128 or 132\."):
+  with pytest.raises(ValueError,
+                     match=r"130 must be a positive multiple of the 4 chips.*e\.g\. 128 or 132\."):
     aot.check_batch(130, aot.parse_topology("v5e:2x2"))
   with pytest.raises(ValueError, match=r"8 chips.*e\.g\. 8\."):
     aot.check_batch(4, aot.parse_topology("v5p:2x2x2"))
@@ -64,7 +65,8 @@ def test_parser_shares_the_train_options():
        "--breakdown", "5"])
   assert args.topology == "v5e:2x2" and args.compare == "relu" and args.breakdown == 5
   assert not hasattr(args, "steps") and not hasattr(args, "num_devices")
-  config = bench._train_config(args, args.act, bench._act_options(args))  # pylint: disable=protected-access
+  config = bench._train_config(  # pylint: disable=protected-access
+      args, args.act, bench._act_options(args))  # pylint: disable=protected-access
   assert dict(config.model.options.act_options) == {"memory_lean": False}
   assert config.model.options.act_layers == 2 and config.half_precision
   assert config.global_batch_size == 256

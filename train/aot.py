@@ -386,15 +386,15 @@ def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]
 
 def main(args) -> list[dict[str, Any]]:
   """Runs ``atac-bench compile`` for parsed ``args``; a bad argument or no libtpu exits 2."""
+  # pylint: disable=protected-access  # one option parser and config builder for train and compile
   from train import bench  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # effective when JAX has not started yet
   other = argparse.Namespace(act_option=args.compare_act_option)
   try:
-    config_a = bench._train_config(args, args.act, bench._act_options(args))  # pylint: disable=protected-access
-    config_b = (bench._train_config(args, args.compare, bench._act_options(other))  # pylint: disable=protected-access
+    config_a = bench._train_config(args, args.act, bench._act_options(args))
+    config_b = (bench._train_config(args, args.compare, bench._act_options(other))
                 if args.compare else None)
-    return run_compile(args, config_a, config_b,
-                       emit=lambda record: bench._emit(record, args.out))  # pylint: disable=protected-access
+    return run_compile(args, config_a, config_b, emit=lambda r: bench._emit(r, args.out))
   except (ValueError, LibtpuMissingError) as error:
     print(f"atac-bench: error: {error}", file=sys.stderr)
     sys.exit(2)
