@@ -1,0 +1,23 @@
+"""Flax NNX API: the ATAC units (and the model registry) as ``nnx.Module``s.
+
+>>> from flax import nnx
+>>> import atac_jax.nnx as anx
+>>> unit = anx.ATAC(16, reduction=2, rngs=nnx.Rngs(0))   # training mode, as nnx.BatchNorm
+>>> y = unit(x); unit.eval(); y = unit(x)                 # running statistics after eval()
+>>> anx.from_linen(unit, linen_variables); variables = anx.to_linen(unit)
+
+Native modules (:class:`ATAC`, :class:`AReLU`, :class:`PReLU`) call :mod:`atac_jax.ops` like
+the linen units; :class:`LinenModule` runs a linen module (SE, XUnit, the host networks of
+:mod:`atac_jax.nnx.models`) with NNX-owned variables.
+"""
+
+from atac_jax.nnx import models
+from atac_jax.nnx.activations import AReLU, PReLU, available_activations, get_activation
+from atac_jax.nnx.atac import ATAC
+from atac_jax.nnx.convert import from_linen, to_linen
+from atac_jax.nnx.wrapper import LinenModule
+
+__all__ = [
+    "ATAC", "AReLU", "LinenModule", "PReLU", "available_activations", "from_linen",
+    "get_activation", "models", "to_linen",
+]
