@@ -55,4 +55,5 @@ class BatchNormState(nnx.Module):
   def update(self, batch: Any, momentum: float) -> None:
     """Moves the running ``(mean, var)`` towards the batch moments (no gradient flows)."""
     for variable, value in zip((self.mean, self.var), batch):
-      variable.value = jax.lax.stop_gradient(momentum * variable.value + (1 - momentum) * value)
+      moved = momentum * variable.get_value() + (1 - momentum) * value
+      variable.set_value(jax.lax.stop_gradient(moved))

@@ -46,7 +46,7 @@ class AReLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies AReLU element-wise."""
-    x, alpha, beta = nnx.nn.dtypes.promote_dtype((x, self.alpha.value, self.beta.value),
+    x, alpha, beta = nnx.nn.dtypes.promote_dtype((x, self.alpha.get_value(), self.beta.get_value()),
                                                  dtype=self.dtype)
     negative_slope = jnp.clip(alpha, *ALPHA_RANGE)
     positive_slope = 1 + jax.nn.sigmoid(beta)
@@ -71,7 +71,7 @@ class PReLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies ``max(x, 0) + slope * min(x, 0)``."""
-    x, slope = nnx.nn.dtypes.promote_dtype((x, self.negative_slope.value), dtype=self.dtype)
+    x, slope = nnx.nn.dtypes.promote_dtype((x, self.negative_slope.get_value()), dtype=self.dtype)
     return jnp.where(x >= 0, x, slope * x)
 
 

@@ -93,8 +93,8 @@ class ATAC(nnx.Module):
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     x = jnp.asarray(x, dtype)
     params = self.gate_params(dtype)
-    running = ops.GateStats(ops.Moments(self.bn_down.mean.value, self.bn_down.var.value),
-                            ops.Moments(self.bn_up.mean.value, self.bn_up.var.value))
+    moments = lambda bn: ops.Moments(bn.mean.get_value(), bn.var.get_value())
+    running = ops.GateStats(moments(self.bn_down), moments(self.bn_up))
     kwargs = dict(epsilon=self.epsilon, inner_relu=self.inner_relu, axis_name=self.axis_name)
     if self.use_global:
       pooled = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
@@ -111,8 +111,8 @@ class ATAC(nnx.Module):
 
   def gate_params(self, dtype: Any) -> ops.GateParams:
     """The variables as :class:`atac_jax.ops.GateParams` (projections cast to ``dtype``)."""
-    cast = lambda v: None if v is None else jnp.asarray(v.value, dtype)
-    affine = lambda bn: ops.Affine(bn.scale.value, bn.bias.value)
+    cast = lambda v: None if v is None else jnp.asarray(v.get_value(), dtype)
+    affine = lambda bn: ops.Affine(bn.scale.get_value(), bn.bias.get_value())
     return ops.GateParams(
         ops.Projection(cast(self.conv_down.kernel), cast(self.conv_down.bias)),
         affine(self.bn_down),

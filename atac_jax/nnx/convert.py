@@ -69,7 +69,7 @@ def to_linen(module: nnx.Module) -> dict[str, dict]:
   """
   result: dict[str, dict] = {}
   for collection, path, variable in _variables(module):
-    value = variable.value
+    value = variable.get_value()
     shape = variable.get_metadata("linen_shape", None)
     if shape is not None:
       value = jnp.reshape(value, shape)
@@ -107,12 +107,12 @@ def from_linen(module: nnx.Module, variables: Any) -> nnx.Module:
       missing.append("/".join(key[:1] + path))
       continue
     value = jnp.asarray(flat.pop(key))
-    expected = variable.get_metadata("linen_shape", None) or variable.value.shape
+    expected = variable.get_metadata("linen_shape", None) or variable.get_value().shape
     if tuple(value.shape) != tuple(expected):
       mismatched.append(f"{'/'.join((collection,) + path)}: {value.shape} (expected "
                         f"{tuple(expected)})")
       continue
-    updates.append((variable, jnp.reshape(value, variable.value.shape)))
+    updates.append((variable, jnp.reshape(value, variable.get_value().shape)))
   unused = ["/".join((c,) + p) for c, p in flat]
   if missing or mismatched or unused:
     raise ValueError(
@@ -121,5 +121,5 @@ def from_linen(module: nnx.Module, variables: Any) -> nnx.Module:
         f"shape mismatch: {mismatched or 'none'}. Accepted: the variables of the linen "
         "unit/model with the same options (e.g. linen_module.init(...)).")
   for variable, value in updates:
-    variable.value = value
+    variable.set_value(value)
   return module

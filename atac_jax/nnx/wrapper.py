@@ -78,7 +78,7 @@ class LinenModule(nnx.Module):
     new = jax.tree.leaves(updates["batch_stats"])
     old = jax.tree.leaves(self.batch_stats, is_leaf=_is_variable)
     for variable, value in zip(old, new, strict=True):
-      variable.value = jax.lax.stop_gradient(value)
+      variable.set_value(jax.lax.stop_gradient(value))
     return y
 
   def set_view(self, use_running_average: Optional[bool] = None) -> None:
@@ -95,4 +95,4 @@ def _wrap(tree: Any, kind: type[nnx.Variable]) -> dict:
 
 
 def _unwrap(tree: Any) -> Any:
-  return jax.tree.map(lambda v: v.value, tree, is_leaf=_is_variable)
+  return jax.tree.map(lambda v: v.get_value(), tree, is_leaf=_is_variable)
