@@ -227,3 +227,13 @@ def test_models_registry_errors():
   assert anx.models.available_models() == models.available_models()
   with pytest.raises(ValueError):
     anx.models.create("resnet7", num_classes=10, rngs=nnx.Rngs(0))
+
+
+def test_awconv_wrapper_matches_linen():
+  x = jax.random.normal(KEY, (2, 6, 6, 4))
+  linen = layers.AWConv(features=6, kernel_size=3, reduction=2, use_bias=True)
+  variables = _perturbed(linen.init(KEY, x))
+  unit = anx.from_linen(anx.AWConv(4, 6, 3, reduction=2, use_bias=True, rngs=nnx.Rngs(0)),
+                        variables)
+  assert set(anx.to_linen(unit)) == {"params"}
+  _close(unit(x), linen.apply(variables, x), tol=1e-4)

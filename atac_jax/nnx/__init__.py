@@ -7,17 +7,18 @@
 >>> anx.from_linen(unit, linen_variables); variables = anx.to_linen(unit)
 
 Native modules (:class:`ATAC`, :class:`AReLU`, :class:`PReLU`) call :mod:`atac_jax.ops` like
-the linen units; :class:`LinenModule` runs a linen module (SE, XUnit, the host networks of
-:mod:`atac_jax.nnx.models`) with NNX-owned variables.
+the linen units; :class:`LinenModule` runs a linen module with NNX-owned variables: :func:`SE`, :func:`XUnit`,
+:func:`AWConv` and the host networks of :mod:`atac_jax.nnx.models` are such wrappers.
 """
 
 from atac_jax.nnx import models
 from atac_jax.nnx.activations import AReLU, PReLU, available_activations, get_activation
 from atac_jax.nnx.atac import ATAC
 from atac_jax.nnx.convert import from_linen, to_linen
+from atac_jax.nnx.wrapped import SE, AWConv, XUnit
 from atac_jax.nnx.wrapper import LinenModule
 
 __all__ = [
-    "ATAC", "AReLU", "LinenModule", "PReLU", "available_activations", "from_linen",
+    "ATAC", "AReLU", "AWConv", "LinenModule", "PReLU", "SE", "XUnit", "available_activations", "from_linen",
     "get_activation", "models", "to_linen",
 ]

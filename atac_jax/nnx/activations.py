@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atac_jax import layers
 from atac_jax.layers import activations as linen_activations
 from atac_jax.layers.arelu import ALPHA_RANGE
 from atac_jax.nnx.atac import ATAC
-from atac_jax.nnx.wrapper import LinenModule
+from atac_jax.nnx.wrapped import SE, XUnit
 
 
 class AReLU(nnx.Module):
@@ -75,22 +74,14 @@ class PReLU(nnx.Module):
     return jnp.where(x >= 0, x, slope * x)
 
 
-def _wrapped(linen_cls: type) -> Callable[..., LinenModule]:
-  """A factory ``(in_features, *, rngs, **options) -> LinenModule`` for a linen unit."""
-  def make(in_features: int, *, rngs: nnx.Rngs, **options: Any) -> LinenModule:
-    sample = jax.ShapeDtypeStruct((1, 1, 1, in_features), jnp.float32)
-    return LinenModule(linen_cls(**options), sample, rngs=rngs)
-  return make
-
-
 # name -> (factory, needs in_features); factories take (in_features?, *, rngs, **options).
 _MODULES: dict[str, tuple[Callable[..., Any], bool]] = {
     "arelu": (AReLU, False),
     "prelu": (PReLU, False),
     "atac": (ATAC, True),
     "atac_global": (functools.partial(ATAC, use_global=True), True),
-    "se": (_wrapped(layers.SE), True),
-    "xunit": (_wrapped(layers.XUnit), True),
+    "se": (SE, True),
+    "xunit": (XUnit, True),
 }
 
 
@@ -121,9 +112,9 @@ def get_activation(name: str, in_features: int | None = None, /, *, rngs: nnx.Rn
     raise ValueError(f"Unknown activation {name!r}; accepted names: "
                      f"{', '.join(available_activations())}.")
   accepted = linen_activations.activation_options(name)
-  if name in ("atac", "atac_global", "arelu", "prelu"):
-    accepted = tuple(a for a in accepted if a != "train") + ("use_running_average",) * (
-        name.startswith("atac"))
+  accepted = tuple(a for a in accepted if a != "train")
+  if name in ("atac", "atac_global", "se", "xunit"):
+    accepted += ("use_running_average",)
   unknown = sorted(set(options) - set(accepted))
   if unknown:
     raise ValueError(f"Activation {name!r} does not take option(s) {unknown}; accepted: "
