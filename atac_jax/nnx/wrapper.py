@@ -75,10 +75,7 @@ class LinenModule(nnx.Module):
     if not (train and self.batch_stats):
       return self.module.apply(variables, x, train=train, **kwargs)
     y, updates = self.module.apply(variables, x, train=True, mutable=["batch_stats"], **kwargs)
-    new = jax.tree.leaves(updates["batch_stats"])
-    old = jax.tree.leaves(self.batch_stats, is_leaf=_is_variable)
-    for variable, value in zip(old, new, strict=True):
-      variable.set_value(jax.lax.stop_gradient(value))
+    _assign(self.batch_stats, updates["batch_stats"])
     return y
 
   def set_view(self, use_running_average: Optional[bool] = None) -> None:
@@ -89,9 +86,18 @@ class LinenModule(nnx.Module):
 
 def _wrap(tree: Any, kind: type[nnx.Variable]) -> dict:
   """Nested plain dicts with each array leaf wrapped in ``kind``."""
-  if isinstance(tree, (dict, nn.FrozenDict)) or hasattr(tree, "items"):
+  if hasattr(tree, "items"):
     return {key: _wrap(value, kind) for key, value in tree.items()}
   return kind(tree)
+
+
+def _assign(variables: dict, values: Any) -> None:
+  """Sets each variable of the nested dict ``variables`` to the value at the same key path."""
+  for key, node in variables.items():
+    if isinstance(node, nnx.Variable):
+      node.set_value(jax.lax.stop_gradient(values[key]))
+    else:
+      _assign(node, values[key])
 
 
 def _unwrap(tree: Any) -> Any:
