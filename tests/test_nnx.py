@@ -237,3 +237,30 @@ def test_awconv_wrapper_matches_linen():
                         variables)
   assert set(anx.to_linen(unit)) == {"params"}
   _close(unit(x), linen.apply(variables, x), tol=1e-4)
+
+
+def test_nested_modules_convert_by_attribute_path():
+  """A user's NNX container of native and wrapped units maps onto a linen module with the same
+  submodule names (the wrapper's ``params`` attribute is the collection, not a path segment)."""
+  import flax.linen as nn
+
+  class LinenPair(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return layers.SE(reduction=2, name="se")(layers.ATAC(name="unit")(x, train=train))
+
+  class Pair(nnx.Module):
+    def __init__(self, rngs):
+      self.unit = anx.ATAC(8, rngs=rngs)
+      self.se = anx.SE(8, reduction=2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.se(self.unit(x))
+
+  x = jax.random.normal(KEY, (2, 3, 3, 8))
+  variables = _perturbed(LinenPair().init(KEY, x, train=False))
+  pair = anx.from_linen(Pair(nnx.Rngs(0)), variables)
+  assert set(anx.to_linen(pair)["params"]) == {"unit", "se"}
+  y_ref, updates = LinenPair().apply(variables, x, train=True, mutable=["batch_stats"])
+  _close(pair(x), y_ref)
+  _close(anx.to_linen(pair)["batch_stats"], updates["batch_stats"])
