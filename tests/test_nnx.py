@@ -264,3 +264,12 @@ def test_nested_modules_convert_by_attribute_path():
   y_ref, updates = LinenPair().apply(variables, x, train=True, mutable=["batch_stats"])
   _close(pair(x), y_ref)
   _close(anx.to_linen(pair)["batch_stats"], updates["batch_stats"])
+
+
+def test_arelu_slopes():
+  unit = anx.AReLU(alpha_init=1.5, beta_init=-1.0)
+  negative, positive = unit.slopes()
+  np.testing.assert_allclose(negative, [0.99])
+  np.testing.assert_allclose(positive, [1 + 1 / (1 + np.exp(1.0))], rtol=1e-6)
+  np.testing.assert_allclose(unit(jnp.array([-2.0, 3.0])), [-2 * 0.99, 3 * positive[0]],
+                             rtol=1e-6)

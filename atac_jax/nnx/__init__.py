@@ -7,8 +7,9 @@
 >>> anx.from_linen(unit, linen_variables); variables = anx.to_linen(unit)
 
 Native modules (:class:`ATAC`, :class:`AReLU`, :class:`PReLU`) call :mod:`atac_jax.ops` like
-the linen units; :class:`LinenModule` runs a linen module with NNX-owned variables: :func:`SE`, :func:`XUnit`,
-:func:`AWConv` and the host networks of :mod:`atac_jax.nnx.models` are such wrappers.
+the linen units. :class:`LinenModule` runs a linen module with NNX-owned variables;
+:func:`SE`, :func:`XUnit`, :func:`AWConv` and the host networks of :mod:`atac_jax.nnx.models`
+are such wrappers.
 """
 
 from atac_jax.nnx import models
@@ -19,6 +20,6 @@ from atac_jax.nnx.wrapped import SE, AWConv, XUnit
 from atac_jax.nnx.wrapper import LinenModule
 
 __all__ = [
-    "ATAC", "AReLU", "AWConv", "LinenModule", "PReLU", "SE", "XUnit", "available_activations", "from_linen",
-    "get_activation", "models", "to_linen",
+    "ATAC", "AReLU", "AWConv", "LinenModule", "PReLU", "SE", "XUnit", "available_activations",
+    "from_linen", "get_activation", "models", "to_linen",
 ]

@@ -43,12 +43,16 @@ class AReLU(nnx.Module):
     self.beta = nnx.Param(jnp.full((1,), beta_init, param_dtype))
     self.dtype = dtype
 
+  def slopes(self) -> tuple[jax.Array, jax.Array]:
+    """``(negative_slope, positive_slope)`` = ``(clip(alpha, 0.01, 0.99), 1 + sigmoid(beta))``,
+    each of shape ``(1,)``, in ``param_dtype``."""
+    alpha, beta = self.alpha.get_value(), self.beta.get_value()
+    return jnp.clip(alpha, *ALPHA_RANGE), 1 + jax.nn.sigmoid(beta)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies AReLU element-wise."""
-    x, alpha, beta = nnx.nn.dtypes.promote_dtype((x, self.alpha.get_value(), self.beta.get_value()),
-                                                 dtype=self.dtype)
-    negative_slope = jnp.clip(alpha, *ALPHA_RANGE)
-    positive_slope = 1 + jax.nn.sigmoid(beta)
+    x, negative_slope, positive_slope = nnx.nn.dtypes.promote_dtype(
+        (x, *self.slopes()), dtype=self.dtype)
     return jax.nn.relu(x) * positive_slope - jax.nn.relu(-x) * negative_slope
 
 
