@@ -273,3 +273,16 @@ def test_arelu_slopes():
   np.testing.assert_allclose(positive, [1 + 1 / (1 + np.exp(1.0))], rtol=1e-6)
   np.testing.assert_allclose(unit(jnp.array([-2.0, 3.0])), [-2 * 0.99, 3 * positive[0]],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_global", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_atac_gate_matches_linen_sown_gate(use_global, train):
+  x = jax.random.normal(KEY, (4, 3, 3, 8))
+  linen = layers.ATAC(use_global=use_global)
+  variables = _perturbed(linen.init(KEY, x, train=False))
+  unit = anx.from_linen(anx.ATAC(8, use_global=use_global, rngs=nnx.Rngs(0)), variables)
+  _, state = linen.apply(variables, x, train=train, mutable=["intermediates", "batch_stats"])
+  before = anx.to_linen(unit)
+  _close(unit.gate(x, use_running_average=not train), state["intermediates"]["gate"][0])
+  _close(anx.to_linen(unit), before)

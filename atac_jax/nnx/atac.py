@@ -109,6 +109,26 @@ class ATAC(nnx.Module):
       self.bn_up.update(stats.up, self.momentum)
     return y
 
+  def gate(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    """The gate ``sigmoid(z)`` the unit multiplies ``x`` by (shape of ``x``; introspection).
+
+    Computed with the statistics the call would use (batch moments in training, running ones
+    in eval mode); nothing is updated. The linen unit sows the same values as
+    ``intermediates/gate``.
+    """
+    train = not merge_mode(use_running_average, self.use_running_average, layer="ATAC")
+    _checks.check_min_rank(x, min_rank=2, layer="ATAC")
+    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    x = jnp.asarray(x, dtype)
+    moments = lambda bn: ops.Moments(bn.mean.get_value(), bn.var.get_value())
+    running = None if train else ops.GateStats(moments(self.bn_down), moments(self.bn_up))
+    source = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True) \
+        if self.use_global else x
+    z, _ = ops.reference.gate_logits(source, self.gate_params(dtype), running,
+                                     epsilon=self.epsilon, inner_relu=self.inner_relu,
+                                     axis_name=self.axis_name)
+    return jnp.broadcast_to(jax.nn.sigmoid(z), x.shape).astype(x.dtype)
+
   def gate_params(self, dtype: Any) -> ops.GateParams:
     """The variables as :class:`atac_jax.ops.GateParams` (projections cast to ``dtype``)."""
     cast = lambda v: None if v is None else jnp.asarray(v.get_value(), dtype)
