@@ -5,8 +5,8 @@ import os
 
 from PIL import Image
 
-from train import plots
-from train.metrics import MetricWriter
+from atac_train import plots
+from atac_train.metrics import MetricWriter
 
 
 def test_writer_records_and_curve(tmp_path):

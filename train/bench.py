@@ -60,7 +60,7 @@ def bench_config(model: str, act: str, *, batch: int, dtype: str = "float32",
     augment: dataset augmentation ('none', or 'cifar' for the real CIFAR input path).
     seed: init and data seed.
   """
-  from train import defaults  # pylint: disable=g-import-not-at-top
+  from atac_train import defaults  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
   shape, num_classes = image_spec(model)
@@ -156,7 +156,7 @@ def build_step(config, *, num_devices: int = 1, name: str = "",
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import parallel, trainer  # pylint: disable=g-import-not-at-top
+  from atac_train import parallel, trainer  # pylint: disable=g-import-not-at-top
   s = trainer.setup(config, devices=_devices(num_devices))
   batch_shape = (config.global_batch_size, *s.info.image_shape)
   if compile_only:
@@ -235,7 +235,7 @@ def bench_step_with_input(config, *, steps: int = 20, num_devices: int = 1) -> d
   not wait on input.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from train import data, parallel  # pylint: disable=g-import-not-at-top
+  from atac_train import data, parallel  # pylint: disable=g-import-not-at-top
   bench = build_step(config, num_devices=num_devices)
   s = bench.setup
   it = data.create_train_iterator(config.dataset, global_batch_size=config.global_batch_size,
@@ -340,10 +340,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
   """Parses ``argv`` (default: ``sys.argv[1:]``) and prints one JSON line per measurement."""
   args = _parser().parse_args(argv)
-  from train import cpu_defaults  # pylint: disable=g-import-not-at-top
+  from atac_train import cpu_defaults  # pylint: disable=g-import-not-at-top
   cpu_defaults.apply()  # before JAX initialises its backends
   if args.command == "data":
-    from train.data import benchmark  # pylint: disable=g-import-not-at-top
+    from atac_train.data import benchmark  # pylint: disable=g-import-not-at-top
     for workers in args.workers:
       _emit(benchmark.benchmark_input(args.kind, num_workers=workers,
                                       num_batches=args.num_batches, batch_size=args.batch,
