@@ -34,7 +34,7 @@ class MetricWriter:
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(Layout(workdir).tensorboard)
+      self._tb = SummaryWriter(Layout(workdir).tensorboard, filename_suffix=_unique_suffix())
 
   def write(self, step: int, epoch: float, scalars: Mapping[str, Any]) -> None:
     """Appends one record (flushed, so a kill loses at most the line being written)."""
@@ -55,6 +55,12 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _unique_suffix() -> str:
+  """Event files are named by the second they were opened in; two writers opened within one
+  second (a rebuild, then the resumed run's writer) would otherwise overwrite each other."""
+  return f".{os.getpid()}.{time.time_ns()}"
 
 
 def plot(workdir: str) -> None:
@@ -115,7 +121,7 @@ def rebuild_tensorboard(workdir: str) -> None:
   fresh, old = target + ".rebuild", target + ".old"
   for leftover in (fresh, old):  # of an earlier rebuild that was killed
     shutil.rmtree(leftover, ignore_errors=True)
-  tb = SummaryWriter(fresh)
+  tb = SummaryWriter(fresh, filename_suffix=_unique_suffix())
   path = Layout(workdir).metrics
   for record in (plots.read_metrics(path) if os.path.exists(path) else []):
     _add_scalars(tb, record)

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from atac_jax import checkpoint as checkpoint_lib
 from atac_jax import workdir as workdir_lib
 from atac_train import (checkpointing, data, interrupts, metrics, optim, parallel, resume, rundir,
                         steps, validation)
@@ -194,9 +195,8 @@ def resolved_config(config: ml_collections.ConfigDict, s: Setup) -> dict:
 def _check_init_from(config: ml_collections.ConfigDict) -> None:
   source = config.get("init_from", "")
   if source:
-    from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
     try:
-      checkpoint.resolve_step_dir(source)
+      checkpoint_lib.resolve_step_dir(source)
     except FileNotFoundError as e:
       raise ConfigError(f"config.init_from={source!r} is not accepted: {e}") from e
 
@@ -334,10 +334,10 @@ def init_from_checkpoint(config: ml_collections.ConfigDict, state: TrainState, s
   source = config.get("init_from", "")
   if not source:
     return state
-  from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  _, variables, _ = checkpoint.load(source)
-  params = checkpoint.merge_matching(state.params, variables["params"])
-  batch_stats = checkpoint.merge_matching(state.batch_stats, variables.get("batch_stats", {}))
+  _, variables, _ = checkpoint_lib.load(source)
+  params = checkpoint_lib.merge_matching(state.params, variables["params"])
+  batch_stats = checkpoint_lib.merge_matching(state.batch_stats,
+                                              variables.get("batch_stats", {}))
   state = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=state.tx.init(params))
   return jax.device_put(state, s.state_sharding)
