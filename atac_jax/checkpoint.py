@@ -1,94 +1,185 @@
 """Load a trained model for inference or fine-tuning in other JAX code.
 
 >>> model, variables, config = atac_jax.checkpoint.load("workdirs/quickstart")
->>> logits = model.apply(variables, images, train=False)
+>>> x = atac_jax.checkpoint.preprocess(images, config)  # uint8 images -> the model's input
+>>> logits = model.apply(variables, x, train=False)
 
-``path`` may be a training workdir (its latest checkpoint), its ``checkpoints`` folder, or one
-step folder (``.../checkpoints/1380``). Arrays are restored onto the caller's devices (replicated
-over the local devices), whatever topology wrote them.
+``path`` may be a training workdir (its latest checkpoint that restores), its ``checkpoints``
+folder, or one step folder (``.../checkpoints/1380``). Arrays are restored onto the caller's
+devices (replicated over the local devices), whatever topology wrote them.
+
+The Orbax calls here (one ``CheckpointManager`` with the items ``state``, ``data`` and
+``config``, restored through ``ocp.args.Composite``) are the ones the trainer uses too; the folder
+layout and the model come from :mod:`atac_jax.workdir`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from atac_jax import models
+from atac_jax import preprocessing
+from atac_jax.workdir import CONFIG_ITEM, DATA_ITEM, STATE_ITEM, Layout, build_model
+
+__all__ = ["load", "preprocess", "restore", "resolve_step_dir", "read_config", "build_model",
+           "merge_matching", "open_manager", "available_steps"]
+
+preprocess = preprocessing.preprocess
 
 
-def _step_dirs(directory: str) -> list[str]:
-  steps = [name for name in os.listdir(directory)
-           if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state"))]
-  return [os.path.join(directory, name) for name in sorted(steps, key=int)]
+def open_manager(directory: str, *, options: ocp.CheckpointManagerOptions | None = None
+                 ) -> ocp.CheckpointManager:
+  """An Orbax manager of a ``checkpoints`` folder that knows the handler of every item.
+
+  Args:
+    directory: the ``checkpoints`` folder.
+    options: manager options (default: read the folder, never create it).
+  """
+  handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+              CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+              DATA_ITEM: grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options or ocp.CheckpointManagerOptions(
+      create=False), item_handlers=handlers)
+
+
+def _locate(path: str) -> tuple[str, int | None]:
+  """(checkpoints folder, step or None) for a workdir, checkpoints folder or step folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, STATE_ITEM)) and os.path.basename(path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  layout = Layout(path)
+  return (layout.checkpoints if os.path.isdir(layout.checkpoints) else path), None
+
+
+def available_steps(path: str) -> list[int]:
+  """The finalised checkpoint steps under a workdir or checkpoints folder, ascending."""
+  directory, _ = _locate(path)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
+
+
+def _no_checkpoint(path: str, step: int | None) -> FileNotFoundError:
+  steps = available_steps(path)
+  if step is not None and steps:
+    return FileNotFoundError(f"No checkpoint step {step} under {path}; existing steps: "
+                             f"{', '.join(map(str, steps))}.")
+  which = f"step {step}" if step is not None else "any step"
+  return FileNotFoundError(
+      f"No checkpoint ({which}) under {path}: expected a training workdir with "
+      f"checkpoints/<step>/state, its checkpoints/ folder, or a step folder. Train first with "
+      f"`atac-train --config ... --workdir {path}`.")
 
 
 def resolve_step_dir(path: str, *, step: int | None = None) -> str:
   """The step folder that ``path`` (workdir, checkpoints folder or step folder) designates.
 
+  Without ``step``: ``path`` itself if it is a step folder, else the latest step.
+
   Raises:
-    FileNotFoundError: if there is no checkpoint there (the message says what was looked for).
+    FileNotFoundError: if there is no such checkpoint (the message lists the existing steps).
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  directory = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
-  candidates = _step_dirs(directory) if os.path.isdir(directory) else []
+  directory, own_step = _locate(path)
+  if own_step is not None and step in (None, own_step):
+    return os.path.join(directory, str(own_step))
+  steps = available_steps(directory)
   if step is not None:
-    candidates = [c for c in candidates if os.path.basename(c) == str(step)]
-  if not candidates:
-    which = f"step {step}" if step is not None else "any step"
-    raise FileNotFoundError(
-        f"No checkpoint ({which}) under {path}: expected a training workdir with "
-        f"checkpoints/<step>/state, its checkpoints/ folder, or a step folder. Train first with "
-        f"`atac-train --config ... --workdir {path}`.")
-  return candidates[-1]
+    steps = [s for s in steps if s == step]
+  if not steps:
+    raise _no_checkpoint(path, step)
+  return os.path.join(directory, str(steps[-1]))
 
 
-def read_config(step_dir: str) -> dict:
-  """The resolved training config saved with a checkpoint (or in its workdir)."""
-  for candidate in (os.path.join(step_dir, "config", "metadata"),
-                    os.path.join(step_dir, "..", "..", "config.json")):
-    if os.path.isfile(candidate):
-      with open(candidate) as f:
-        return json.load(f)
-  raise FileNotFoundError(f"No config saved with the checkpoint {step_dir}.")
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The resolved training config saved with ``step``."""
+  return manager.restore(step, args=ocp.args.Composite(
+      **{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
 
 
-def build_model(config: dict) -> nn.Module:
-  """The linen model described by a resolved training config."""
-  model_config = config["model"]
-  options = dict(model_config.get("options", {}))
-  if config.get("half_precision"):
-    options["dtype"] = jnp.bfloat16
-  return models.create(model_config["name"], num_classes=model_config["num_classes"],
-                       act=model_config["act"], **options)
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """The train state of ``step``, restored into ``abstract_state``'s shapes and shardings."""
+  return manager.restore(step, args=ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
 
 
-def restore_state(step_dir: str, *, sharding: jax.sharding.Sharding | None = None) -> dict:
-  """Restores the saved train-state pytree (as nested dicts) onto ``sharding``.
+def abstract_state(manager: ocp.CheckpointManager, step: int,
+                   sharding: jax.sharding.Sharding) -> Any:
+  """The saved state's tree (nested dicts) as ``ShapeDtypeStruct``s on ``sharding``."""
+  metadata = manager.item_metadata(step)[STATE_ITEM]
+  tree = metadata.tree if hasattr(metadata, "tree") else metadata
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                      tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
-  The default is replication over this process's local devices, so a checkpoint written on any
-  mesh restores on any other.
+
+def _local_replicated() -> NamedSharding:
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("local",))
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def restore(path: str, *, step: int | None = None,
+            sharding: jax.sharding.Sharding | None = None) -> tuple[int, dict, dict]:
+  """Restores ``(step, state, config)``: the state pytree as nested dicts, and its config.
+
+  Without ``step`` (and for a workdir or checkpoints folder), the latest step that restores: a
+  damaged one (truncated or corrupted files) is skipped with a warning that names it.
+
+  Args:
+    path: workdir, checkpoints folder or step folder.
+    step: a specific step (its errors are raised).
+    sharding: where the arrays go (default: replicated over this process's local devices), so a
+      checkpoint written on any mesh restores on any other.
+
+  Raises:
+    FileNotFoundError: no checkpoint, or no step ``step`` (the message lists the existing ones).
+    ValueError: no step restores (the message gives each step's error).
   """
-  if sharding is None:
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("local",))
-    sharding = NamedSharding(mesh, PartitionSpec())
-  checkpointer = ocp.StandardCheckpointer()
-  state_dir = os.path.join(step_dir, "state")
-  metadata = checkpointer.metadata(state_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  return checkpointer.restore(state_dir, abstract)
+  directory, own_step = _locate(path)
+  step = own_step if step is None else step
+  steps = available_steps(directory)
+  if step is not None and step not in steps:
+    raise _no_checkpoint(path, step)
+  if not steps:
+    raise _no_checkpoint(path, None)
+  sharding = sharding or _local_replicated()
+  manager = open_manager(directory)
+  failures = []
+  try:
+    for candidate in ([step] if step is not None else steps[::-1]):
+      try:
+        config = restore_config(manager, candidate)
+        state = restore_state(manager, candidate, abstract_state(manager, candidate, sharding))
+      except Exception as error:  # pylint: disable=broad-except  # damaged: try the previous
+        if step is not None:
+          raise
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        failures.append(f"step {candidate}: {reason}")
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); using the previous "
+                        "one.", candidate, directory, reason)
+        continue
+      return candidate, state, config
+  finally:
+    manager.close()
+  raise ValueError(f"No checkpoint under {path} restores: {'; '.join(failures)}.")
+
+
+def read_config(path: str, *, step: int | None = None) -> dict:
+  """The resolved training config saved with a checkpoint step (default: the latest step)."""
+  step_dir = resolve_step_dir(path, step=step)
+  manager = open_manager(os.path.dirname(step_dir))
+  try:
+    return restore_config(manager, int(os.path.basename(step_dir)))
+  finally:
+    manager.close()
 
 
 def load(path: str, *, step: int | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
@@ -96,15 +187,14 @@ def load(path: str, *, step: int | None = None) -> tuple[nn.Module, dict[str, An
 
   Args:
     path: where the checkpoint is.
-    step: a specific step (default: the latest).
+    step: a specific step (default: the latest that restores).
 
   Returns:
     The linen model, its ``{'params': ..., 'batch_stats': ...}`` variables and the resolved
-    training config (a dict).
+    training config (a dict; ``config['dataset']`` holds the preprocessing that
+    :func:`preprocess` applies).
   """
-  step_dir = resolve_step_dir(path, step=step)
-  config = read_config(step_dir)
-  state = restore_state(step_dir)
+  _, state, config = restore(path, step=step)
   variables = {"params": state["params"]}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]

@@ -13,7 +13,7 @@ Expected result (reference plot, coarse labels, depth 20): ATAC 0.812 vs ReLU 0.
 reported there; this project reports the final epoch and the best separately).
 """
 
-from configs import cifar10_resnet20_atac
+from atac_train.configs import cifar10_resnet20_atac
 
 
 def get_config():

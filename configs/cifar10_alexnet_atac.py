@@ -12,8 +12,8 @@ Command:
 Expected result (reference): val accuracy 0.8861 (ATAC) vs 0.7965 (ReLU, --config.model.act=relu).
 """
 
-from train.data.config import IMAGENET_MEAN, IMAGENET_STD
-from train.defaults import base_config
+from atac_train.data.config import IMAGENET_MEAN, IMAGENET_STD
+from atac_train.defaults import base_config
 
 
 def get_config():

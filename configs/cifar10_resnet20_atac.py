@@ -15,7 +15,7 @@ Expected result (reference, not yet reproduced here): ATAC above ReLU at depth 2
 CIFAR plot: 0.812 vs 0.799 on its 20-class "CIFAR-100"; CIFAR-10 ResNet-20 ReLU is ~0.92).
 """
 
-from train.defaults import base_config
+from atac_train.defaults import base_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ Expected result (paper): top-1 error 21.41 / top-5 6.02 (28.0M params, 4.4 GMACs
 ResNet-50 v1b with a same-family recipe: 22.33.
 """
 
-from train.defaults import base_config
+from atac_train.defaults import base_config
 
 
 def get_config():

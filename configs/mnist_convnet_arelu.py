@@ -13,7 +13,7 @@ Expected result (paper, best test accuracy, mean of 5 seeds, lr 1e-4): AReLU 95.
 87.00% (--config.model.act=relu).
 """
 
-from train.defaults import base_config
+from atac_train.defaults import base_config
 
 
 def get_config():

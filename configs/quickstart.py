@@ -9,7 +9,7 @@ Expected result: final eval/accuracy >= 0.95 on the 360 held-out digits (measure
 in well under 5 minutes on 2 CPU cores. ReLU baseline: add --config.model.act=relu.
 """
 
-from train.defaults import base_config
+from atac_train.defaults import base_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ import pytest  # noqa: E402  (after the XLA flags above)
 
 def small_quickstart_config(**overrides):
   """The quickstart recipe shrunk for tests: ResNet-8, batch 32, 2 epochs (88 steps)."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from atac_train.configs import quickstart  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config()
   config.model.name = "cifar_resnet8"
   config.global_batch_size = 32
@@ -46,7 +46,43 @@ def check_png(path, expected_size):
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """One small ATAC run on 8 fake devices, shared by the checkpoint/eval/viz tests (read-only)."""
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from atac_train import trainer  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("trained")
   result = trainer.train_and_evaluate(small_quickstart_config(), str(workdir))
   return str(workdir), result
+
+
+def tensorboard_scalars(directory):
+  """(tag, step) -> [values] of every scalar in the TensorBoard event files under ``directory``."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = collections.defaultdict(list)
+  for path in glob.glob(os.path.join(directory, "**", "events.out.tfevents*"), recursive=True):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars[(value.tag, event.step)].append(value.simple_value)
+  return dict(scalars)
+
+
+def metric_rows(workdir):
+  """The records of ``workdir/metrics.jsonl``."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def damage_checkpoint(workdir, step):
+  """Truncates the largest file of a checkpoint step's state (a disk that filled up, say)."""
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  files = [os.path.join(root, name) for root, _, names in os.walk(state_dir) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)

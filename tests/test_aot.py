@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from train import aot, bench
+from atac_train import aot, bench
 
 
 @pytest.fixture(autouse=True)

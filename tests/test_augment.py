@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import augment
+from atac_train.data import augment
 
 
 def _image(shape, seed=0):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from train import bench, cpu_defaults
+from atac_train import bench, cpu_defaults
 
 TRAIN_KEYS = {"images_per_second", "step_seconds_median", "compile_seconds", "temp_bytes",
               "device_kind", "model", "act", "batch", "dtype", "steps"}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from atac_jax import checkpoint
-from conftest import small_quickstart_config
-from train import checkpointing, parallel, trainer
-from train.evaluate import evaluate_checkpoint
+from conftest import metric_rows, small_quickstart_config
+from atac_train import checkpointing, parallel, trainer
+from atac_train.evaluate import evaluate_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/num_examples")
@@ -62,7 +62,7 @@ def test_sigkill_at_a_random_moment_resumes(trained_workdir, tmp_path):
   # The same XLA program as the in-process reference run: no CLI CPU-flag defaults.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", ATAC_JAX_CPU_DEFAULTS="0")
-  command = [sys.executable, "-m", "train.main", "--config",
+  command = [sys.executable, "-m", "atac_train", "train", "--config",
              os.path.join(REPO, "configs", "quickstart.py"), "--workdir", str(tmp_path),
              "--config.model.name=cifar_resnet8", "--config.global_batch_size=32",
              "--config.num_epochs=2", "--config.progress_bar=False"]
@@ -85,6 +85,13 @@ def test_sigkill_at_a_random_moment_resumes(trained_workdir, tmp_path):
   final = json.loads(result.stdout.strip().splitlines()[-1])
   assert final["step"] == 88
   _assert_same_run(str(tmp_path), reference_dir, final, reference)
+  # The killed trainer's lock was taken over, and metrics.jsonl holds each step once: the rows
+  # of the uninterrupted run, in order (the rows past the restored step were dropped).
+  assert "Taking over the lock" in result.stderr
+  wall_clock = "train/images_per_second"
+  rows = [{k: v for k, v in r.items() if k != wall_clock} for r in metric_rows(str(tmp_path))]
+  assert rows == [{k: v for k, v in r.items() if k != wall_clock}
+                  for r in metric_rows(reference_dir)]
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(trained_workdir, tmp_path):

@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from train import data
-from train.data import cifar_tarball, sources
+from atac_train import data
+from atac_train.data import cifar_tarball, sources
 
 
 def _split(rng, n, *, coarse):

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from train import compare, plots, trainer
+from atac_train import compare, plots, trainer
 from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +112,28 @@ def test_errors_are_clear(workdir, tmp_path, capsys):
 
 def test_command_exit_status(tmp_path):
   """The real process: a non-zero exit status and the message on stderr."""
-  result = subprocess.run([sys.executable, "-m", "train.compare", str(tmp_path / "nothing"),
+  result = subprocess.run([sys.executable, "-m", "atac_train", "compare", str(tmp_path / "nothing"),
                            "--out", str(tmp_path / "x.png")], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 2
   assert "No metrics.jsonl" in result.stderr
+
+
+def test_skipped_and_unreadable_lines_are_named(hand_run, tmp_path, capsys):
+  metrics = os.path.join(hand_run, "metrics.jsonl")
+  with open(metrics, "a") as f:  # after the torn line 10: a valid row, binary junk, a list
+    f.write('\n{"step": 50, "epoch": 5.0, "train/loss": 0.6}\n')
+  with open(metrics, "ab") as f:
+    f.write(b"\xff\xfe\n[1, 2]\n")
+  out = str(tmp_path / "x.png")
+  assert compare.main([hand_run, "--out", out]) == 0
+  err = capsys.readouterr().err.splitlines()
+  assert err[0].startswith(f"atac-compare: warning: skipped {metrics} line 10: Invalid control")
+  assert err[1:] == [f"atac-compare: warning: skipped {metrics} line 12: not UTF-8 text",
+                     f"atac-compare: warning: skipped {metrics} line 13: not a JSON object "
+                     "with 'step' and 'epoch'"]
+  config = os.path.join(hand_run, "config.json")
+  with open(config, "w") as f:
+    f.write('{"model": {"name": "cifar_resnet8",\n "act": }}')
+  assert compare.main([hand_run, "--out", out]) == 2
+  assert f"atac-compare: error: {config} line 2: not valid JSON" in capsys.readouterr().err

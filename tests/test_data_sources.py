@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from train import data
-from train.data import config as config_lib
-from train.data import sources
+from atac_train import data
+from atac_train.data import config as config_lib
+from atac_train.data import sources
 
 
 def _config(**overrides):
@@ -21,7 +21,7 @@ def test_default_config_is_the_offline_digits_quickstart():
       "digits", "sklearn", "train", "test")
   info = data.get_info(config)
   assert info == data.DatasetInfo(num_classes=10, image_shape=(8, 8, 1), num_train=1437,
-                                  num_eval=360)
+                                  num_eval=360, max_value=16.0)
 
 
 def test_digits_fixed_stratified_split():
@@ -140,5 +140,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
 
 
 def test_unknown_tfds_dataset():
-  with pytest.raises(ValueError, match="not found"):
+  """One line, not tfds' list of every dataset name."""
+  with pytest.raises(ValueError, match="'no_such_dataset_xyz' is not a tfds dataset") as error:
     sources.open_source(_config(name="no_such_dataset_xyz", source="tfds"), "train")
+  assert "\n" not in str(error.value)

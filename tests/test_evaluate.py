@@ -1,9 +1,12 @@
-"""atac-eval: one JSON line for a checkpoint, clear errors without one."""
+"""atac-eval: one JSON line for a checkpoint, a fallback past a damaged one, clear errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+from conftest import damage_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _atac_eval(*args):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "train.evaluate", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "atac_train", "eval", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -31,3 +34,26 @@ def test_without_checkpoints_fails_clearly(tmp_path):
   result = _atac_eval("--workdir", str(tmp_path))
   assert result.returncode == 2
   assert "No checkpoint" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(trained_workdir, tmp_path):
+  source, reference = trained_workdir
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(source, workdir)
+  damage_checkpoint(workdir, 88)
+  result = _atac_eval("--workdir", workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(result.stdout.strip().splitlines()[-1])
+  assert record["step"] == 44 and record["eval/num_examples"] == 360
+  assert "Traceback" not in result.stderr
+  assert f"Checkpoint step 88 in {workdir}/checkpoints cannot be restored" in result.stderr
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "88"))  # eval never moves files
+
+
+def test_missing_step_lists_the_existing_ones(trained_workdir):
+  workdir, _ = trained_workdir
+  result = _atac_eval("--workdir", workdir, "--step", "999")
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line == (f"atac-eval: error: No checkpoint step 999 under {workdir}; existing steps: "
+                  "44, 88.")

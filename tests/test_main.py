@@ -20,9 +20,8 @@ def _cli_env(num_devices):
 
 
 def _train_command(workdir, *extra):
-  return [sys.executable, "-m", "train.main", "--config", os.path.join(REPO, "configs",
-                                                                         "quickstart.py"),
-          "--workdir", str(workdir), "--config.model.name=cifar_resnet8",
+  return [sys.executable, "-m", "atac_train", "train", "--config",
+          os.path.join(REPO, "configs", "quickstart.py"), "--workdir", str(workdir), "--config.model.name=cifar_resnet8",
           "--config.global_batch_size=32", "--config.num_epochs=1",
           "--config.log_every_steps=5", "--config.progress_bar=False", *extra]
 
@@ -92,3 +91,4 @@ def test_two_processes_match_one_process(tmp_path):
   # Only process 0 prints the result and writes the logs (one record per step, not two).
   assert not any(line.startswith("{") for line in outputs[1][0].splitlines())
   assert len(multi_records) == len(single_records)
+  assert not os.path.exists(multi / "atac-train.lock")  # process 0 held it, and released it

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from train import optim
-from train.defaults import base_config
+from atac_train import optim
+from atac_train.defaults import base_config
 
 
 def _schedule(**fields):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import parallel
+from atac_train import parallel
 
 
 def test_mesh_over_all_or_some_devices():

@@ -7,8 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import data
-from train.data import augment, benchmark, pipeline, sources
+from atac_train import data
+from atac_train.data import augment, benchmark, pipeline, sources
 
 
 def _indexed(n):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from train import prepare
-from train.data import cifar_tarball
+from atac_train import prepare
+from atac_train.data import cifar_tarball
 
 
 @pytest.fixture(name="tarball")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import steps
+from atac_train import steps
 
 
 def test_mixup_is_a_convex_combination_with_one_lambda():

@@ -11,9 +11,9 @@ import pytest
 
 from atac_jax.layers import AReLU
 from conftest import small_quickstart_config
-from configs import quickstart
-from train import data, parallel, trainer
-from train.trainer import NonFiniteLossError
+from atac_train.configs import quickstart
+from atac_train import checkpointing, data, parallel, trainer
+from atac_train.trainer import NonFiniteLossError
 
 
 def _small_config(**overrides):
@@ -88,13 +88,23 @@ def test_batch_larger_than_dataset():
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  """The learning rate warms up towards 1e6: the first steps train, then the loss overflows."""
   workdir = str(tmp_path)
-  trainer.train_and_evaluate(_small_config(num_epochs=1), workdir)
-  steps_before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(NonFiniteLossError, match="Non-finite training loss .* step"):
-    trainer.train_and_evaluate(_small_config(**{"num_epochs": 3, "schedule.learning_rate": 1e30,
-                                                "schedule.warmup_epochs": 0.0}), workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps_before
+  config = _small_config(**{"schedule.learning_rate": 1e6, "schedule.warmup_epochs": 2.0,
+                            "checkpoint_every_steps": 1, "keep_checkpoints": 100})
+  with pytest.raises(NonFiniteLossError, match="Non-finite training loss .* ending at step") as e:
+    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  failed_at = int(str(e.value).split("ending at step ")[1].split(";")[0])
+  ckpt = checkpointing.Checkpointer(workdir)
+  steps = ckpt.all_steps()
+  assert steps and max(steps) < failed_at  # nothing saved at or after the bad step
+  s = trainer.setup(config, devices=jax.devices()[:1])
+  abstract = checkpointing.abstract_with_sharding(s.abstract_state,
+                                                  lambda _: parallel.replicated(s.mesh))
+  step, state = ckpt.restore(abstract)
+  ckpt.close()
+  assert step == max(steps)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))
 
 
 @pytest.mark.slow

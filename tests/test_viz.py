@@ -15,7 +15,7 @@ from PIL import Image
 
 from atac_jax import checkpoint
 from atac_jax.layers import ATAC, SE, XUnit, get_activation
-from train import data, trainer, viz
+from atac_train import data, trainer, viz
 from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +298,7 @@ def test_model_without_units_fails_clearly(workdir, tmp_path):
       with open(path, "w") as f:
         json.dump(config, f)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  result = subprocess.run([sys.executable, "-m", "train.viz", "--workdir", relu,
+  result = subprocess.run([sys.executable, "-m", "atac_train.viz", "--workdir", relu,
                            "--dataset-index", "0", "--out", str(tmp_path / "r.png")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2, result.stderr

@@ -4,7 +4,7 @@
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --breakdown 15
 
-The project's real train step (:func:`train.trainer.setup` + :func:`train.trainer.compile_steps`,
+The project's real train step (:func:`atac_train.trainer.setup` + :func:`atac_train.trainer.compile_steps`,
 the same code ``atac-bench train`` compiles) is lowered on shapes alone and compiled by libtpu's
 compiler for the devices of a TPU topology (``jax.experimental.topologies.get_topology_desc``,
 as MaxText's ``train_compile.py`` does): state replicated, global batch split over the chips.
@@ -158,7 +158,7 @@ def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from atac_train import trainer  # pylint: disable=g-import-not-at-top
   check_batch(config.global_batch_size, topology)
   libtpu = require_libtpu()
   devices = topology_devices(topology)
@@ -387,7 +387,7 @@ def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]
 def main(args) -> list[dict[str, Any]]:
   """Runs ``atac-bench compile`` for parsed ``args``; a bad argument or no libtpu exits 2."""
   # pylint: disable=protected-access  # one option parser and config builder for train and compile
-  from train import bench  # pylint: disable=g-import-not-at-top
+  from atac_train import bench  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # effective when JAX has not started yet
   other = argparse.Namespace(act_option=args.compare_act_option)
   try:

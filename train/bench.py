@@ -9,15 +9,15 @@
     atac-bench step-with-input --model cifar_resnet20 --batch 128
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
 
-``train`` builds the real training step of the project (``train.trainer.setup`` +
-``compile_steps``: ``train.steps.train_step`` on ``train.state.create_train_state`` with the
+``train`` builds the real training step of the project (``atac_train.trainer.setup`` +
+``compile_steps``: ``atac_train.steps.train_step`` on ``train.state.create_train_state`` with the
 ``train.optim`` optimizer, state donated, batch sharded over the ``data`` mesh) for a model of
 :func:`atac_jax.models.create` on a synthetic batch, and reports the compile time, XLA's
 ``temp_size_in_bytes`` (scratch memory of one step, parameters and batch excluded) and the median
 step time. ``--compare OTHER`` builds both steps in one process and times them in alternating
 rounds (A, B, A, B, ...) so that drift and load from other processes hit both alike.
 ``compile`` compiles the same step for a Cloud TPU topology with libtpu and reports XLA's
-per-chip cost there (no TPU needed; :mod:`train.aot`).
+per-chip cost there (no TPU needed; :mod:`atac_train.aot`).
 
 The XLA CPU defaults of :mod:`train.cpu_defaults` are applied before JAX starts (a flag the
 user set in ``XLA_FLAGS`` wins).
@@ -50,7 +50,7 @@ def bench_config(model: str, act: str, *, batch: int, dtype: str = "float32",
                  reduction: int | None = None, act_layers: int | None = None,
                  act_options: dict[str, Any] | None = None, augment: str = "none",
                  seed: int = 0):
-  """A training config (``train.defaults.base_config``) for ``model``/``act`` on synthetic data.
+  """A training config (``atac_train.defaults.base_config``) for ``model``/``act`` on synthetic data.
 
   Args:
     model: a name of ``atac_jax.models.available_models()``.
@@ -63,7 +63,7 @@ def bench_config(model: str, act: str, *, batch: int, dtype: str = "float32",
     augment: dataset augmentation ('none', or 'cifar' for the real CIFAR input path).
     seed: init and data seed.
   """
-  from train import defaults  # pylint: disable=g-import-not-at-top
+  from atac_train import defaults  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
   shape, num_classes = image_spec(model)
@@ -151,7 +151,7 @@ def build_step(config, *, num_devices: int = 1, name: str = "",
                compile_only: bool = False) -> StepBench:
   """Compiles the project's train step for ``config`` and makes its state and a device batch.
 
-  The step is ``train.trainer.compile_steps`` (jit of ``train.steps.train_step`` with explicit
+  The step is ``atac_train.trainer.compile_steps`` (jit of ``atac_train.steps.train_step`` with explicit
   shardings and the state donated), lowered and compiled ahead of time for the batch; the
   compiled executable is what gets timed (after one untimed warm-up step), and its memory
   analysis gives ``temp_bytes``. ``compile_only`` lowers on shapes alone and allocates nothing,
@@ -159,7 +159,7 @@ def build_step(config, *, num_devices: int = 1, name: str = "",
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from train import parallel, trainer  # pylint: disable=g-import-not-at-top
+  from atac_train import parallel, trainer  # pylint: disable=g-import-not-at-top
   s = trainer.setup(config, devices=_devices(num_devices))
   batch_shape = (config.global_batch_size, *s.info.image_shape)
   if compile_only:
@@ -238,7 +238,7 @@ def bench_step_with_input(config, *, steps: int = 20, num_devices: int = 1) -> d
   not wait on input.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from train import data, parallel  # pylint: disable=g-import-not-at-top
+  from atac_train import data, parallel  # pylint: disable=g-import-not-at-top
   bench = build_step(config, num_devices=num_devices)
   s = bench.setup
   it = data.create_train_iterator(config.dataset, global_batch_size=config.global_batch_size,
@@ -356,13 +356,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Parses ``argv`` (default: ``sys.argv[1:]``) and prints one JSON line per measurement."""
   args = _parser().parse_args(argv)
   if args.command == "compile":  # for a TPU, with libtpu: no CPU flags
-    from train import aot  # pylint: disable=g-import-not-at-top
+    from atac_train import aot  # pylint: disable=g-import-not-at-top
     aot.main(args)
     return
-  from train import cpu_defaults  # pylint: disable=g-import-not-at-top
+  from atac_train import cpu_defaults  # pylint: disable=g-import-not-at-top
   cpu_defaults.apply()  # before JAX initialises its backends
   if args.command == "data":
-    from train.data import benchmark  # pylint: disable=g-import-not-at-top
+    from atac_train.data import benchmark  # pylint: disable=g-import-not-at-top
     for workers in args.workers:
       _emit(benchmark.benchmark_input(args.kind, num_workers=workers,
                                       num_batches=args.num_batches, batch_size=args.batch,

@@ -1,26 +1,31 @@
 """Orbax checkpoints of the train state, the data-iterator state and the config.
 
 Writes are atomic (Orbax finalises a step by renaming its temporary folder), so a crash or a kill
-mid-save never damages the latest good checkpoint; a finalised checkpoint that fails to restore
-(truncated or corrupted files) is skipped with a warning and the previous one is used.
+mid-save never damages the latest good checkpoint. Reading goes through the same manager and item
+handlers as :mod:`atac_jax.checkpoint` (which owns them, with the folder layout of
+:mod:`atac_jax.workdir`). Deciding which step to resume from is :mod:`atac_train.resume`'s job.
 """
 
 from __future__ import annotations
 
-from absl import logging
 import os
+import time
 from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from atac_jax import checkpoint as ckpt_lib
+from atac_jax.workdir import CONFIG_ITEM, DATA_ITEM, STATE_ITEM, Layout
 
 BEST_METRIC = "eval/accuracy"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return Layout(workdir).checkpoints
 
 
 def abstract_with_sharding(tree: Any, sharding_fn: Callable[[Any], Any]) -> Any:
@@ -54,8 +59,9 @@ class Checkpointer:
         save_interval_steps=1,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self.directory = checkpoint_dir(workdir)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.layout = Layout(workdir)
+    self.directory = self.layout.checkpoints
+    self._manager = ckpt_lib.open_manager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -63,18 +69,34 @@ class Checkpointer:
   def save(self, step: int, *, state: Any, data_iterator: Any | None, config: dict,
            metrics: dict | None = None) -> None:
     """Saves one step (forced: the trainer decides when to save)."""
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def restore_config(self, step: int) -> dict:
+    """The resolved config saved with ``step``."""
+    return ckpt_lib.restore_config(self._manager, step)
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """The state of ``step`` in ``abstract_state``'s structure, shapes and shardings."""
+    return ckpt_lib.restore_state(self._manager, step, abstract_state)
+
+  def restore_data(self, step: int, data_iterator: Any) -> None:
+    """Sets ``data_iterator`` to its position saved with ``step``."""
+    self._manager.restore(step, args=ocp.args.Composite(
+        **{DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator)}))
 
   def restore(self, abstract_state: Any, *, data_iterator: Any | None = None,
               step: int | None = None) -> tuple[int, Any] | None:
     """Restores the given step, or the latest restorable one, into ``abstract_state``'s shardings.
 
+    The data iterator is only restored from a step whose state restored; when it fails, the
+    iterator is put back where it was and the step counts as damaged.
+
     Args:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings for this topology.
-      data_iterator: a fresh grain iterator whose position is set from the checkpoint.
+      data_iterator: a grain iterator whose position is set from the checkpoint.
       step: a specific step (errors are raised), or None for the latest good one (a damaged
         step is skipped with a warning).
 
@@ -83,24 +105,42 @@ class Checkpointer:
     """
     candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     for candidate in candidates:
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self._manager.restore(candidate, args=ocp.args.Composite(**items))
+        return candidate, self.restore_step(candidate, abstract_state, data_iterator)
       except Exception as error:  # pylint: disable=broad-except
         if step is not None:
           raise
-        logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the "
-                        "previous one.", candidate, self.directory, type(error).__name__,
-                        str(error)[:300])
-        continue
-      return candidate, restored["state"]
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the "
+                        "previous one.", candidate, self.directory, describe(error))
     return None
 
-  def restore_config(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+  def restore_step(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
+    """The state of ``step`` and, once that restored, the iterator position (reset on failure)."""
+    state = self.restore_state(step, abstract_state)
+    if data_iterator is not None:
+      before = data_iterator.get_state()
+      try:
+        self.restore_data(step, data_iterator)
+      except Exception:
+        data_iterator.set_state(before)
+        raise
+    return state
+
+  def move_aside(self, step: int) -> str:
+    """Moves a damaged step to ``damaged_checkpoints/<step>-<time>`` (kept for inspection).
+
+    Returns:
+      Where it went.
+    """
+    os.makedirs(self.layout.damaged, exist_ok=True)
+    target = os.path.join(self.layout.damaged,
+                          f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    os.rename(self.layout.step_dir(step), target)
+    return target
+
+  def reload(self) -> None:
+    """Re-reads the step list (after steps were moved aside)."""
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -108,3 +148,9 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def describe(error: BaseException) -> str:
+  """``Type: message`` on one line, shortened."""
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {text[:200]}"

@@ -3,7 +3,9 @@
     atac-compare workdirs/qs_atac workdirs/qs_relu --labels atac,relu --out curves.png
 
 Reads each workdir's ``metrics.jsonl`` (and ``config.json`` when present); the figure is drawn
-by :func:`train.plots.plot_learning_curves` (train dashed, eval solid; loss and accuracy).
+by :func:`atac_train.plots.plot_learning_curves` (train dashed, eval solid; loss and accuracy).
+A line of ``metrics.jsonl`` that cannot be read is skipped with a warning naming the file and the
+line; an unreadable ``config.json`` is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from train import plots
+from atac_jax.workdir import Layout
+from atac_train import plots
 
 
 class CompareError(ValueError):
@@ -23,7 +26,7 @@ class CompareError(ValueError):
 
 
 def _metrics_path(workdir: str) -> str:
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = Layout(workdir).metrics
   if not os.path.isfile(path):
     raise CompareError(
         f"No metrics.jsonl in {workdir!r}: expected a training workdir. Train one with "
@@ -32,11 +35,39 @@ def _metrics_path(workdir: str) -> str:
 
 
 def _read_config(workdir: str) -> dict:
-  path = os.path.join(workdir, "config.json")
+  path = Layout(workdir).config
   if not os.path.isfile(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, "rb") as f:
+      config = json.loads(f.read().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise CompareError(f"{path} cannot be read: not UTF-8 text (byte {e.start}).") from e
+  except json.JSONDecodeError as e:
+    raise CompareError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from e
+  if not isinstance(config, dict):
+    raise CompareError(f"{path} line 1: not a JSON object.")
+  return config
+
+
+def _warn_skipped(path: str, line: int, reason: str) -> None:
+  print(f"atac-compare: warning: skipped {path} line {line}: {reason}", file=sys.stderr)
+
+
+def read_run(workdir: str) -> list[dict]:
+  """The metric records of one run; each line it skips is named on stderr (file and line).
+
+  Raises:
+    CompareError: if ``workdir`` has no ``metrics.jsonl``, or no records in it.
+  """
+  path = _metrics_path(workdir)
+  try:
+    records = plots.read_metrics(path, on_skip=_warn_skipped)
+  except OSError as e:
+    raise CompareError(f"{path} cannot be read: {e.strerror or e}.") from e
+  if not records:
+    raise CompareError(f"{path!r} holds no metric records yet.")
+  return records
 
 
 def summarize_records(records: Sequence[dict]) -> dict[str, Any]:
@@ -66,15 +97,20 @@ def summarize_records(records: Sequence[dict]) -> dict[str, Any]:
   }
 
 
-def summarize_run(workdir: str, *, label: str | None = None) -> dict[str, Any]:
+def summarize_run(workdir: str, *, label: str | None = None,
+                  records: Sequence[dict] | None = None) -> dict[str, Any]:
   """One run's summary: label, workdir, model/act from ``config.json`` and its final/best numbers.
 
+  Args:
+    workdir: the run's workdir.
+    label: its label (default: the workdir's name).
+    records: its metric records, if already read (default: read with :func:`read_run`).
+
   Raises:
-    CompareError: if ``workdir`` has no ``metrics.jsonl`` or no records in it.
+    CompareError: if ``workdir`` has no ``metrics.jsonl`` or no records in it, or an unreadable
+      ``config.json`` (the message names the file and line).
   """
-  records = plots.read_metrics(_metrics_path(workdir))
-  if not records:
-    raise CompareError(f"{os.path.join(workdir, 'metrics.jsonl')!r} holds no metric records yet.")
+  records = read_run(workdir) if records is None else records
   config = _read_config(workdir)
   model = config.get("model", {})
   return {"label": label or _default_label(workdir), "workdir": workdir,
@@ -109,8 +145,8 @@ def compare(workdirs: Sequence[str], out: str, *, labels: Sequence[str] | None =
   if not workdirs:
     raise CompareError("Give at least one workdir.")
   names = run_labels(workdirs, labels)
-  summaries = [summarize_run(w, label=n) for w, n in zip(workdirs, names)]
-  runs = {n: plots.read_metrics(_metrics_path(w)) for w, n in zip(workdirs, names)}
+  runs = {n: read_run(w) for w, n in zip(workdirs, names)}
+  summaries = [summarize_run(w, label=n, records=runs[n]) for w, n in zip(workdirs, names)]
   plots.plot_learning_curves(runs, out, size_inches=size_inches, dpi=dpi)
   return summaries
 

@@ -20,8 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.act = "atac"  # one of atac_jax.layers.available_activations()
   config.model.options = ml_collections.ConfigDict()  # model options (reduction, act_layers, ...)
 
-  # Data: see train.data.default_config() for every field.
-  from train import data  # pylint: disable=g-import-not-at-top
+  # Data: see atac_train.data.default_config() for every field.
+  from atac_train import data  # pylint: disable=g-import-not-at-top
   config.dataset = data.default_config()
 
   config.num_epochs = 10  # training length in epochs (steps_per_epoch = num_train // batch)

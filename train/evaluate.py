@@ -1,6 +1,10 @@
 """``atac-eval``: evaluate a checkpoint on a full split and print one JSON line.
 
     atac-eval --workdir workdirs/quickstart [--step N] [--split test]
+
+Without ``--step``, the latest checkpoint that restores is evaluated: a damaged one is skipped
+with a warning naming it. ``--step`` of a step that does not exist lists the steps that do.
+Started through :mod:`atac_train.cli`, which sets the XLA flags and the signal handling first.
 """
 
 from __future__ import annotations
@@ -9,10 +13,14 @@ import json
 import sys
 from typing import Any
 
+import ml_collections
 from absl import app, flags
 
+from atac_jax import checkpoint
+from atac_train import cpu_defaults, errors, parallel, trainer
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint step folder).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest that restores).")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval split).")
 
 
@@ -22,43 +30,39 @@ def evaluate_checkpoint(path: str, *, step: int | None = None, split: str | None
 
   Args:
     path: workdir, checkpoints folder or step folder.
-    step: checkpoint step (default: the latest).
+    step: checkpoint step (default: the latest that restores; damaged ones are skipped with a
+      warning).
     split: split name (default: the config's eval split).
     devices: devices to evaluate on (default: all); any count works, whatever wrote the
       checkpoint.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from train import parallel, trainer  # pylint: disable=g-import-not-at-top
 
-  step_dir = checkpoint.resolve_step_dir(path, step=step)
-  config = ml_collections.ConfigDict(checkpoint.read_config(step_dir))
+  Raises:
+    FileNotFoundError: no checkpoint, or no step ``step`` (the message lists the existing ones).
+    ValueError: no checkpoint restores (the message gives each step's error).
+  """
+  mesh = parallel.create_mesh(devices)
+  restored_step, state, config_dict = checkpoint.restore(path, step=step,
+                                                         sharding=parallel.replicated(mesh))
+  config = ml_collections.ConfigDict(config_dict)
   s = trainer.setup(config, devices=devices)
-  state = checkpoint.restore_state(step_dir, sharding=parallel.replicated(s.mesh))
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
   result = trainer.evaluate(trainer.compile_eval_step(s), variables, config, s, split=split)
-  return {"step": int(state["step"]), "split": split or config.dataset.eval_split, **result}
+  return {"step": restored_step, "split": split or config.dataset.eval_split, **result}
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from train import cpu_defaults  # pylint: disable=g-import-not-at-top
-  cpu_defaults.apply()
   cpu_defaults.quiet_logs()
   try:
     result = evaluate_checkpoint(_WORKDIR.value, step=_STEP.value, split=_SPLIT.value)
-  except (ValueError, FileNotFoundError) as error:
+  except (errors.TrainingError, ValueError, FileNotFoundError) as error:
     print(f"atac-eval: error: {error}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result))
 
 
 def run() -> None:
-  """Console-script entry point."""
+  """Runs the command (call it through :func:`atac_train.cli.evaluate`)."""
   flags.mark_flag_as_required("workdir")
   app.run(main)
-
-
-if __name__ == "__main__":
-  run()

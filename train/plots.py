@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib
+
+from atac_jax.workdir import Layout
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -14,17 +16,31 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 PANELS = (("loss", "train/loss", "eval/loss"), ("accuracy", "train/accuracy", "eval/accuracy"))
 
 
-def read_metrics(path: str) -> list[dict]:
-  """Reads a ``metrics.jsonl`` file (a workdir is accepted too); skips a torn last line."""
+def read_metrics(path: str, *, on_skip: Callable[[str, int, str], None] | None = None
+                 ) -> list[dict]:
+  """Reads a ``metrics.jsonl`` file (a workdir is accepted too).
+
+  Lines that are not a JSON object with ``step`` and ``epoch`` (e.g. one torn by a kill) are
+  skipped; ``on_skip(path, line_number, reason)`` is told about each.
+  """
   if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
+    path = Layout(path).metrics
   records = []
-  with open(path) as f:
-    for line in f:
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
       try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
+        record = json.loads(raw.decode("utf-8"))
+        if not isinstance(record, dict) or "step" not in record or "epoch" not in record:
+          raise ValueError("not a JSON object with 'step' and 'epoch'")
+      except UnicodeDecodeError:
+        reason = "not UTF-8 text"
+      except ValueError as error:
+        reason = " ".join(str(error).split())[:120]
+      else:
+        records.append(record)
         continue
+      if on_skip is not None:
+        on_skip(path, number, reason)
   return records
 
 

@@ -16,7 +16,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from train.data import cifar_tarball
+from atac_train.data import cifar_tarball
 
 _IMAGENET_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 _BUNDLED = ("digits", "synthetic")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.state import TrainState
+from atac_train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -6,26 +6,26 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import signal
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from atac_jax import models
+from atac_jax import checkpoint as checkpoint_lib
+from atac_jax import workdir as workdir_lib
+from atac_train import (checkpointing, data, interrupts, metrics, optim, parallel, resume, rundir,
+                        steps, validation)
+from atac_train.errors import ConfigError, NonFiniteLossError
+from atac_train.metrics import MetricWriter, Progress, Throughput
+from atac_train.state import TrainState, create_train_state
+from atac_train.workdir_lock import WorkdirLock
 from atac_jax.layers import arelu
-from train import checkpointing, data, optim, parallel, steps
-from train.metrics import MetricWriter, Progress, Throughput
-from train.state import TrainState, create_train_state
 
-
-class NonFiniteLossError(RuntimeError):
-  """Raised when the training loss becomes NaN or infinite; no checkpoint is written after it."""
+__all__ = ["NonFiniteLossError", "Setup", "setup", "train_and_evaluate", "build_model",
+           "compile_steps", "compile_eval_step", "evaluate", "eval_variables", "resolved_config"]
 
 
 @dataclasses.dataclass
@@ -43,22 +43,23 @@ class Setup:
   init_fn: Any
 
 
-def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
-  """The linen model of ``config.model`` (bf16 compute when ``half_precision``)."""
-  options = dict(config.model.options)
-  if config.half_precision:
-    options["dtype"] = jnp.bfloat16
-  return models.create(config.model.name, num_classes=num_classes, act=config.model.act,
-                       **options)
+build_model = workdir_lib.build_model  # the one definition, shared with atac_jax.checkpoint
 
 
 def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None) -> Setup:
   """Validates the config against the devices and the data, and builds model, optimizer, mesh.
 
+  Nothing is compiled or written: the model is only traced (``jax.eval_shape``).
+
   Args:
     config: the training config.
     devices: devices of the ``data`` mesh (default: all devices of all processes).
+
+  Raises:
+    ConfigError: (or ValueError / FileNotFoundError from the data) naming the key, the value
+      and what is accepted.
   """
+  validation.validate(config)
   mesh = parallel.create_mesh(devices)
   parallel.check_batch_size(config.global_batch_size, num_devices=mesh.size)
   parallel.check_batch_size(config.eval_batch_size or config.global_batch_size,
@@ -69,6 +70,10 @@ def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None
     raise ValueError(f"global_batch_size={config.global_batch_size} is larger than the "
                      f"{info.num_train} training examples of {config.dataset.name!r}.")
   total_steps = int(config.num_epochs * steps_per_epoch)
+  if total_steps < 1:
+    raise ConfigError(f"config.num_epochs={config.num_epochs!r} is not accepted: it makes 0 "
+                      f"training steps ({steps_per_epoch} steps per epoch); accepted: at least "
+                      f"{1 / steps_per_epoch:.3g}.")
   model = build_model(config, num_classes=info.num_classes)
   learning_rate_fn = optim.create_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                            num_epochs=config.num_epochs)
@@ -145,31 +150,12 @@ def arelu_scalars(params: Any) -> dict[str, float]:
           for name, value in jax.device_get(found).items()}
 
 
-class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (agreed across processes)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("Signal %d received: saving a checkpoint at the next step boundary.", signum)
-    self.requested = True
-
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.array(self.requested))
-    return bool(np.any(flags))
-
-  def restore(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+def _stop_requested() -> bool:
+  """Whether SIGINT/SIGTERM reached any process (one answer for all; see interrupts)."""
+  if jax.process_count() == 1:
+    return interrupts.requested()
+  flags = multihost_utils.process_allgather(np.array(interrupts.requested()))
+  return bool(np.any(flags))
 
 
 class _TrainAccumulator:
@@ -200,61 +186,112 @@ class _TrainAccumulator:
 
 
 def resolved_config(config: ml_collections.ConfigDict, s: Setup) -> dict:
-  """The config as a dict, plus what was derived from the data (needed to rebuild the model)."""
+  """The config as a dict, plus what was derived from the data.
+
+  ``model.num_classes`` rebuilds the model; ``dataset.image_shape``, ``dataset.mean``,
+  ``dataset.std`` (the statistics actually used, also when the config left them empty) and
+  ``dataset.max_value`` (the pixel value of full intensity) describe the preprocessing, which
+  :func:`atac_jax.checkpoint.preprocess` applies.
+  """
   resolved = json.loads(config.to_json_best_effort())
   resolved["model"]["num_classes"] = s.info.num_classes
-  resolved["dataset"]["image_shape"] = list(s.info.image_shape)
+  channels = s.info.image_shape[-1]
+  mean, std = data.config.normalization_values(config.dataset, channels)
+  resolved["dataset"].update(image_shape=list(s.info.image_shape), mean=mean, std=std,
+                             max_value=float(s.info.max_value))
   return resolved
 
 
-def _write_config(workdir: str, resolved: dict) -> None:
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  source = config.get("init_from", "")
+  if source:
+    try:
+      checkpoint_lib.resolve_step_dir(source)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init_from={source!r} is not accepted: {e}") from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: list[Any] | None = None) -> dict[str, Any]:
+                       devices: list[Any] | None = None, fresh: bool = False,
+                       extend: bool = False) -> dict[str, Any]:
   """Trains (resuming from the latest good checkpoint in ``workdir``) and evaluates.
+
+  Everything is checked before anything is compiled or written: the config values, ``workdir``
+  (a writable directory, not in use by another trainer) and the config against the one the
+  workdir's checkpoints were trained with (see :mod:`atac_train.resume`).
 
   Args:
     config: the training config.
     workdir: output directory (see the workdir contract in the README).
     devices: devices of the ``data`` mesh (default: all).
+    fresh: start at step 0 even if ``workdir`` holds a run (its outputs are moved to
+      ``workdir/archive/<time>/`` first).
+    extend: allow a larger ``num_epochs`` than the checkpoints were trained with; from the
+      restored step on, the learning rate follows the schedule of the new ``num_epochs``.
 
   Returns:
     The final record: the last train and eval metrics, ``step``, ``epoch``, and ``preempted``.
+
+  Raises:
+    TrainingError: (ConfigError, WorkdirError, ResumeError, NonFiniteLossError) with a message
+      that names the problem and the fix.
   """
+  validation.validate(config)
+  _check_init_from(config)
+  rundir.check(workdir)
+  layout = workdir_lib.Layout(workdir)
+  rundir.lead_only(WorkdirLock(layout.lock).check)  # a busy workdir stops us before any work
   s = setup(config, devices=devices)
-  is_lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   config_dict = resolved_config(config, s)
-  if is_lead:
-    _write_config(workdir, config_dict)
+  is_lead = jax.process_index() == 0
+  with rundir.hold(layout):
+    if fresh and is_lead:
+      archived = rundir.archive(layout)
+      if archived:
+        logging.warning("--fresh: moved the previous run in %s to %s.", workdir, archived)
+    if fresh and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("atac_train.trainer.fresh")
+    train_iter = data.create_train_iterator(
+        config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = checkpointing.Checkpointer(
+        workdir, keep=config.keep_checkpoints,
+        keep_every_steps=config.keep_every_epochs * s.steps_per_epoch)
+    try:
+      abstract = checkpointing.abstract_with_sharding(s.abstract_state,
+                                                      lambda _: parallel.replicated(s.mesh))
+      start = resume.find_start(ckpt, abstract_state=abstract, data_iterator=train_iter,
+                                config=config_dict, extend=extend)
+      if start.state is not None:
+        logging.warning("Resumed from step %d in %s", start.step, ckpt.directory)
+        state = start.state
+      else:
+        state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(
+            jax.random.PRNGKey(config.seed))
+        state = init_from_checkpoint(config, state, s)
+      if is_lead:
+        rundir.prepare_outputs(layout, start_step=start.step, config_dict=config_dict)
+      return _train_loop(config, s, state=state, start_step=start.step, ckpt=ckpt,
+                         train_iter=train_iter, config_dict=config_dict, layout=layout)
+    finally:
+      ckpt.close()
 
-  train_iter = data.create_train_iterator(
-      config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                    keep_every_steps=config.keep_every_epochs * s.steps_per_epoch)
-  abstract = checkpointing.abstract_with_sharding(s.abstract_state,
-                                                  lambda _: parallel.replicated(s.mesh))
-  restored = ckpt.restore(abstract, data_iterator=train_iter)
-  if restored is not None:
-    start_step, state = restored
-    logging.warning("Resumed from step %d in %s", start_step, ckpt.directory)
-  else:
-    start_step = 0
-    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
-    state = init_from_checkpoint(config, state, s)
+
+def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainState,
+                start_step: int, ckpt: checkpointing.Checkpointer, train_iter: Any,
+                config_dict: dict, layout: workdir_lib.Layout) -> dict[str, Any]:
+  """Steps from ``start_step`` to the end (or to a SIGINT/SIGTERM), with logs, evals, saves."""
+  is_lead = jax.process_index() == 0
+  if start_step >= s.total_steps:  # finished: re-running the command reports the result again
+    record = metrics.final_record(layout.metrics, step=start_step) if is_lead else {}
+    return {"step": start_step, "epoch": start_step / s.steps_per_epoch, "preempted": False,
+            **record}
+  if _stop_requested():  # interrupted while restoring or initialising: nothing new to save
+    return {"step": start_step, "epoch": start_step / s.steps_per_epoch, "preempted": True}
   train_step, eval_step = compile_steps(config, s)
-
-  writer = MetricWriter(workdir, enabled=is_lead)
+  writer = MetricWriter(layout.root, enabled=is_lead)
   progress = Progress(total=s.total_steps, initial=start_step,
                       enabled=is_lead and config.progress_bar)
-  preemption = _Preemption()
   acc, throughput = _TrainAccumulator(), Throughput()
   images_since_log = 0
   ckpt_every = config.checkpoint_every_steps or s.steps_per_epoch
@@ -262,13 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < s.total_steps:
       batch = parallel.global_batch(next(train_iter), s.batch_sharding)
-      state, metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, batch)
       step += 1
-      acc.add(metrics)
+      acc.add(step_metrics)
       images_since_log += config.global_batch_size
       epoch_end = step % s.steps_per_epoch == 0
       last = step == s.total_steps
-      preempted = preemption.should_stop() and not last
+      preempted = _stop_requested() and not last
       save = last or step % ckpt_every == 0 or preempted
       if step % config.log_every_steps == 0 or epoch_end or save:
         record = acc.flush(step)
@@ -296,10 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         "resume.", step)
         break
   finally:
-    ckpt.close()
     progress.close()
     writer.close()
-    preemption.restore()
   return {"step": step, "epoch": step / s.steps_per_epoch, "preempted": preempted, **record}
 
 
@@ -309,10 +344,10 @@ def init_from_checkpoint(config: ml_collections.ConfigDict, state: TrainState, s
   source = config.get("init_from", "")
   if not source:
     return state
-  from atac_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  _, variables, _ = checkpoint.load(source)
-  params = checkpoint.merge_matching(state.params, variables["params"])
-  batch_stats = checkpoint.merge_matching(state.batch_stats, variables.get("batch_stats", {}))
+  _, variables, _ = checkpoint_lib.load(source)
+  params = checkpoint_lib.merge_matching(state.params, variables["params"])
+  batch_stats = checkpoint_lib.merge_matching(state.batch_stats,
+                                              variables.get("batch_stats", {}))
   state = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=state.tx.init(params))
   return jax.device_put(state, s.state_sharding)

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from train.gates import VizError, forward, gate_maps  # noqa: F401  (re-exported)
+from atac_train.gates import VizError, forward, gate_maps  # noqa: F401  (re-exported)
 
 
 def panel_grid(num_panels: int, max_cols: int) -> tuple[int, int]:
@@ -196,7 +196,7 @@ def _dataset_config(config: Mapping[str, Any]):
 
 
 def _model_shape(config: Mapping[str, Any], dataset, source) -> tuple[int, int, int]:
-  from train.data import config as config_lib  # pylint: disable=g-import-not-at-top
+  from atac_train.data import config as config_lib  # pylint: disable=g-import-not-at-top
   shape = config["dataset"].get("image_shape")
   if shape:
     return tuple(int(s) for s in shape)
@@ -204,8 +204,8 @@ def _model_shape(config: Mapping[str, Any], dataset, source) -> tuple[int, int, 
 
 
 def _normalise(dataset, pixels: np.ndarray, *, max_value: float) -> np.ndarray:
-  from train.data import augment  # pylint: disable=g-import-not-at-top
-  from train.data import config as config_lib  # pylint: disable=g-import-not-at-top
+  from atac_train.data import augment  # pylint: disable=g-import-not-at-top
+  from atac_train.data import config as config_lib  # pylint: disable=g-import-not-at-top
   mean, std = config_lib.normalization(dataset, pixels.shape[-1])
   return augment.Normalizer(mean, std, max_value=max_value)(pixels[None])[0]
 
@@ -216,7 +216,7 @@ def load_example(config: Mapping[str, Any], index: int, *, split: str | None = N
   Raises:
     VizError: if ``index`` is out of range.
   """
-  from train.data import augment, sources  # pylint: disable=g-import-not-at-top
+  from atac_train.data import augment, sources  # pylint: disable=g-import-not-at-top
   dataset = _dataset_config(config)
   split = split or dataset.eval_split
   source = sources.open_source(dataset, split)
@@ -242,7 +242,7 @@ def load_image_file(config: Mapping[str, Any], path: str) -> Example:
     VizError: if the file does not exist or is not an image.
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  from train.data import augment  # pylint: disable=g-import-not-at-top
+  from atac_train.data import augment  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise VizError(f"Image file {path!r} does not exist.")
   dataset = _dataset_config(config)

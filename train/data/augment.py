@@ -4,18 +4,25 @@ Augmentations take an image (uint8 (H, W, C) array, or encoded JPEG/PNG bytes) a
 ``np.random.Generator`` (grain passes one per element, derived from the pipeline seed and the
 element's index) and return a uint8 (H, W, C) array in the same value range; every random choice
 comes from that generator, so the result is a function of (seed, index). Normalisation to float32
-happens once per batch (`Normalizer`).
+happens once per batch (`Normalizer`). The eval-time steps (decode, resize, centre crop,
+`Normalizer`) come from :mod:`atac_jax.preprocessing`, which reusers of a checkpoint call too.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from atac_jax import preprocessing
+# The eval-time functions live in the library (shared with atac_jax.checkpoint.preprocess).
+from atac_jax.preprocessing import (  # noqa: F401  (re-exported)
+    Normalizer, center_crop, decode, resize, resize_shorter)
+from atac_jax.preprocessing import from_pil as _from_pil
+from atac_jax.preprocessing import to_pil as _to_pil
 
 # AlexNet PCA lighting: eigenvalues/vectors of ImageNet RGB covariance (0..255 pixel scale).
 _PCA_EIGVAL = np.array([55.46, 4.794, 1.148], np.float32)
@@ -23,48 +30,9 @@ _PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                         [-0.5808, -0.0045, -0.8140],
                         [-0.5836, -0.6948, 0.4203]], np.float32)
 
-ImageLike = np.ndarray | bytes
+ImageLike = preprocessing.ImageLike
 Augment = Callable[[ImageLike, np.random.Generator], np.ndarray]
 Preprocess = Callable[[ImageLike], np.ndarray]
-
-
-def decode(image: ImageLike, channels: int) -> np.ndarray:
-  """Returns a uint8 (H, W, channels) array; decodes encoded image bytes with PIL."""
-  if isinstance(image, (bytes, bytearray)):
-    with Image.open(io.BytesIO(image)) as img:
-      image = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-  image = np.asarray(image)
-  return image[..., None] if image.ndim == 2 else image
-
-
-def _to_pil(image: np.ndarray) -> Image.Image:
-  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
-def _from_pil(img: Image.Image) -> np.ndarray:
-  image = np.asarray(img)
-  return image[..., None] if image.ndim == 2 else image
-
-
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Bilinear (antialiased) resize to ``size`` = (height, width)."""
-  if image.shape[:2] == tuple(size):
-    return image
-  return _from_pil(_to_pil(image).resize((size[1], size[0]), Image.BILINEAR))
-
-
-def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
-  """Resizes so the shorter side is ``side``, keeping the aspect ratio."""
-  h, w = image.shape[:2]
-  scale = side / min(h, w)
-  return resize(image, (max(1, round(h * scale)), max(1, round(w * scale))))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central ``size`` x ``size`` window (the image must be at least that large)."""
-  h, w = image.shape[:2]
-  top, left = (h - size) // 2, (w - size) // 2
-  return image[top:top + size, left:left + size]
 
 
 def pad_crop(image: np.ndarray, rng: np.random.Generator, *, pad: int) -> np.ndarray:
@@ -169,10 +137,7 @@ def _train(image: ImageLike, rng: np.random.Generator, *, kind: str, size: tuple
 
 
 def _eval(image: ImageLike, *, kind: str, size: tuple[int, int], channels: int) -> np.ndarray:
-  image = decode(image, channels)
-  if kind == "imagenet":
-    return center_crop(resize_shorter(image, round(size[0] * 256 / 224)), size[0])
-  return resize(image, size)
+  return preprocessing.eval_transform(image, kind=kind, size=size, channels=channels)
 
 
 def _size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -206,23 +171,3 @@ def _check(kind: str) -> None:
   accepted = ("none", "cifar", "imagenet", "alexnet", "digits")
   if kind not in accepted:
     raise ValueError(f"Unknown augmentation {kind!r}; accepted: {list(accepted)}.")
-
-
-class Normalizer:
-  """Stacks a batch and maps pixels to float32 ``(x / max_value - mean) / std``.
-
-  Args:
-    mean: per-channel mean of [0, 1] pixels.
-    std: per-channel standard deviation of [0, 1] pixels.
-    max_value: the pixel value of full intensity (255; 16 for digits).
-  """
-
-  def __init__(self, mean: np.ndarray, std: np.ndarray, *, max_value: float = 255.0):
-    self.scale = (1.0 / (max_value * np.asarray(std, np.float32))).astype(np.float32)
-    self.shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    """Normalises a uint8 batch (B, H, W, C) to float32."""
-    out = np.multiply(images, self.scale, dtype=np.float32)
-    out += self.shift
-    return out

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from train.data import augment as augment_lib
-from train.data import config as config_lib
-from train.data import pipeline
-from train.data import sources
+from atac_train.data import augment as augment_lib
+from atac_train.data import config as config_lib
+from atac_train.data import pipeline
+from atac_train.data import sources
 
 _KINDS = ("cifar", "imagenet")
 
@@ -112,7 +112,7 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
 
 
 def main(argv: list[str] | None = None) -> None:
-  """``python -m train.data.benchmark --kind imagenet --num-workers 0 1 2``: JSON lines."""
+  """``python -m atac_train.data.benchmark --kind imagenet --num-workers 0 1 2``: JSON lines."""
   parser = argparse.ArgumentParser(description=benchmark_input.__doc__.split("\n", 1)[0])
   parser.add_argument("--kind", choices=_KINDS, nargs="+", default=list(_KINDS))
   parser.add_argument("--num-workers", type=int, nargs="+", default=[0])

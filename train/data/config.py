@@ -85,11 +85,13 @@ class DatasetInfo:
     image_shape: (H, W, C) of the model input, after preprocessing.
     num_train: examples in ``train_split``.
     num_eval: examples in ``eval_split``.
+    max_value: the pixel value of full intensity (255; 16 for the digits).
   """
   num_classes: int
   image_shape: tuple[int, int, int]
   num_train: int
   num_eval: int
+  max_value: float = 255.0
 
 
 def _choice(config: ml_collections.ConfigDict, field: str, accepted: Sequence[str]) -> str:
@@ -129,17 +131,27 @@ def output_shape(config: ml_collections.ConfigDict,
   return (height, width, channels)
 
 
-def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns per-channel float32 (mean, std), each of shape (channels,), for [0, 1] pixels."""
+def normalization_values(config: ml_collections.ConfigDict, channels: int
+                         ) -> tuple[list[float], list[float]]:
+  """Per-channel (mean, std) as Python floats, one per channel, for [0, 1] pixels.
+
+  Empty ``mean``/``std`` mean the dataset's usual statistics (0.5 / 0.5 for unknown datasets).
+  """
   mean, std = tuple(config.mean), tuple(config.std)
   default_mean, default_std = _DEFAULT_STATS.get(config.name, ((0.5,), (0.5,)))
   mean, std = mean or default_mean, std or default_std
-  arrays = []
+  values = []
   for field, value in (("mean", mean), ("std", std)):
     if len(value) not in (1, channels):
       raise ValueError(f"dataset.{field} has {len(value)} values; the images have {channels} "
                        f"channel(s), so give 1 or {channels} values.")
-    arrays.append(np.broadcast_to(np.asarray(value, np.float32), (channels,)).copy())
-  if np.any(arrays[1] <= 0):
+    values.append([float(v) for v in value] * (channels if len(value) == 1 else 1))
+  if min(values[1]) <= 0:
     raise ValueError(f"dataset.std must be > 0, got {std}.")
-  return arrays[0], arrays[1]
+  return values[0], values[1]
+
+
+def normalization(config: ml_collections.ConfigDict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns per-channel float32 (mean, std), each of shape (channels,), for [0, 1] pixels."""
+  mean, std = normalization_values(config, channels)
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)

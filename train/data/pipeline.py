@@ -21,9 +21,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from train.data import augment as augment_lib
-from train.data import config as config_lib
-from train.data import sources
+from atac_train.data import augment as augment_lib
+from atac_train.data import config as config_lib
+from atac_train.data import sources
 
 Batch = dict[str, np.ndarray]
 
@@ -174,7 +174,8 @@ def get_info(config: ml_collections.ConfigDict) -> config_lib.DatasetInfo:
   train, shape, _ = _prepared(config, config.train_split)
   return config_lib.DatasetInfo(num_classes=train.num_classes, image_shape=shape,
                                 num_train=len(train),
-                                num_eval=len(sources.open_source(config, config.eval_split)))
+                                num_eval=len(sources.open_source(config, config.eval_split)),
+                                max_value=train.max_value)
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,

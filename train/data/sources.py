@@ -7,6 +7,7 @@ pipeline needs (`num_classes`, `image_shape`, `max_value`).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import types
 from collections.abc import Sequence
@@ -15,8 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train.data import cifar_tarball
-from train.data import config as config_lib
+from atac_train.data import cifar_tarball
+from atac_train.data import config as config_lib
 
 
 class ImageSource(Sequence):
@@ -174,13 +175,23 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
           for name, idx in (("train", train), ("test", test))}
 
 
+def _unknown_tfds_name(name: str, known: Sequence[str]) -> str:
+  """One line for a dataset name tfds does not know: close matches, never the whole registry."""
+  close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+  hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+  return (f"config.dataset.name={name!r} is not a tfds dataset (source='tfds'); {hint}Image "
+          "classification datasets include 'cifar10', 'cifar100', 'mnist', 'imagenet2012'; "
+          "tfds.list_builders() lists all. For the bundled digits use source='sklearn'.")
+
+
 def _tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.data_dir or None
   try:
     data_source = tfds.data_source(config.name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError:
-    raise
+    raise ValueError(_unknown_tfds_name(config.name, tfds.list_builders(
+        with_community_datasets=False))) from None
   except Exception as e:  # pylint: disable=broad-except
     builder = tfds.builder(config.name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -223,7 +234,7 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> ImageSource:
   """Opens one split of the dataset a config describes.
 
   Args:
-    config: the dataset config (see `train.data.default_config`).
+    config: the dataset config (see `atac_train.data.default_config`).
     split: a split name, or a tfds-style slice such as 'train[:90%]' (not for synthetic).
 
   Returns:

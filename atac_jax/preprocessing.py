@@ -1,0 +1,133 @@
+"""Eval-time image preprocessing, the same for training, evaluation and reuse of a checkpoint.
+
+A trained model expects images prepared exactly as its evaluation split was: decoded, resized
+(ImageNet-style recipes: shorter side to ``H * 256 / 224``, then a centre crop), and normalised
+per channel as ``(pixel / max_value - mean) / std``. The trainer saves every number this needs in
+the checkpoint's config (``dataset.image_shape``, ``dataset.augment``, ``dataset.mean``,
+``dataset.std``, ``dataset.max_value``), and :func:`preprocess` applies it:
+
+>>> model, variables, config = atac_jax.checkpoint.load("workdirs/quickstart")
+>>> x = atac_jax.checkpoint.preprocess(images, config)   # uint8 (N, H, W, C) or encoded bytes
+>>> logits = model.apply(variables, x, train=False)
+
+The training pipeline (``atac_train.data``) uses the functions of this module for its eval path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ImageLike = np.ndarray | bytes
+
+
+def decode(image: ImageLike, channels: int) -> np.ndarray:
+  """Returns a uint8 (H, W, channels) array; decodes encoded image bytes with PIL."""
+  if isinstance(image, (bytes, bytearray)):
+    with Image.open(io.BytesIO(image)) as img:
+      image = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+  image = np.asarray(image)
+  return image[..., None] if image.ndim == 2 else image
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def from_pil(img: Image.Image) -> np.ndarray:
+  image = np.asarray(img)
+  return image[..., None] if image.ndim == 2 else image
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear (antialiased) resize to ``size`` = (height, width)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return from_pil(to_pil(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
+  """Resizes so the shorter side is ``side``, keeping the aspect ratio."""
+  h, w = image.shape[:2]
+  scale = side / min(h, w)
+  return resize(image, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The central ``size`` x ``size`` window (the image must be at least that large)."""
+  h, w = image.shape[:2]
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def eval_transform(image: ImageLike, *, kind: str, size: tuple[int, int],
+                   channels: int) -> np.ndarray:
+  """The deterministic eval geometry of augmentation ``kind``: uint8 (H, W, channels).
+
+  'imagenet': resize the shorter side to H*256/224, centre crop H x H; otherwise resize to
+  (H, W) (a no-op at the native size).
+  """
+  image = decode(image, channels)
+  if kind == "imagenet":
+    return center_crop(resize_shorter(image, round(size[0] * 256 / 224)), size[0])
+  return resize(image, size)
+
+
+class Normalizer:
+  """Maps a batch of pixels to float32 ``(x / max_value - mean) / std``.
+
+  Args:
+    mean: per-channel mean of [0, 1] pixels.
+    std: per-channel standard deviation of [0, 1] pixels.
+    max_value: the pixel value of full intensity (255; 16 for digits).
+  """
+
+  def __init__(self, mean: np.ndarray, std: np.ndarray, *, max_value: float = 255.0):
+    self.scale = (1.0 / (max_value * np.asarray(std, np.float32))).astype(np.float32)
+    self.shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Normalises a uint8 batch (B, H, W, C) to float32."""
+    out = np.multiply(images, self.scale, dtype=np.float32)
+    out += self.shift
+    return out
+
+
+def preprocess(images: ImageLike | Sequence[ImageLike], config: Mapping[str, Any]
+               ) -> np.ndarray:
+  """Prepares images for a model trained with ``config`` exactly as its evaluation did.
+
+  Args:
+    images: one image (uint8 (H, W[, C]) array or encoded JPEG/PNG bytes), a batch array
+      (N, H, W, C), or a sequence of images; pixels in ``[0, dataset.max_value]`` (255 for
+      photos, 16 for the digits).
+    config: the resolved training config saved with the checkpoint (as returned by
+      :func:`atac_jax.checkpoint.load`).
+
+  Returns:
+    float32 (N, H, W, C) with ``(H, W, C) = dataset.image_shape``.
+
+  Raises:
+    ValueError: if the config lacks the preprocessing record (checkpoints written before it
+      was saved); the message names the missing keys.
+  """
+  dataset = config["dataset"]
+  missing = [k for k in ("image_shape", "mean", "std") if not dataset.get(k)]
+  if missing:
+    raise ValueError(f"The config has no dataset.{', dataset.'.join(missing)}: it was saved by "
+                     "an older atac-jax; preprocess as its training did.")
+  height, width, channels = (int(v) for v in dataset["image_shape"])
+  if isinstance(images, np.ndarray) and images.ndim == 4:
+    images = list(images)
+  elif isinstance(images, (np.ndarray, bytes, bytearray)):
+    images = [images]
+  kind = dataset.get("augment", "none")
+  prepared = np.stack([eval_transform(image, kind=kind, size=(height, width), channels=channels)
+                       for image in images])
+  mean = np.broadcast_to(np.asarray(dataset["mean"], np.float32), (channels,))
+  std = np.broadcast_to(np.asarray(dataset["std"], np.float32), (channels,))
+  return Normalizer(mean, std, max_value=float(dataset.get("max_value", 255.0)))(prepared)
