@@ -6,7 +6,7 @@ is average-pooled over all but the batch and channel axes first, which turns the
 SE-like channel gate that keeps its BNs.
 
 The module declares the variables (named like the reference so weights port 1:1) and calls the
-pure ops of :mod:`atac_jax.ops`: the memory-lean custom-VJP gate in training by default, the
+pure ops of :mod:`atac_jax.ops`: the memory-lean gate in training by default, the
 reference gate otherwise (see :mod:`atac_jax.ops.gate` for which op runs when).
 
 Fused BatchNorm (``ATAC(...)(x, train=True, norm=BatchNormVariables(...))``, what the host
@@ -58,10 +58,9 @@ class ATAC(nn.Module):
     epsilon: BatchNorm epsilon (reference: 1e-5).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` infers it from input and params.
     param_dtype: parameter dtype.
-    memory_lean: in training, run the memory-lean custom-VJP op (reverse-mode differentiation
-      only; same variables, values and gradients, less memory and time). ``False`` runs the
-      reference op, which JAX differentiates in every mode (``jvp``, ``jacfwd``, ``linearize``).
-      Inference always runs the reference op.
+    memory_lean: in training, run the memory-lean op (recomputes the bottleneck in the backward
+      pass; same variables, values and gradients, less memory and time; every transformation).
+      ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); the reference op runs.
     train: training mode (batch statistics, ``batch_stats`` updates); flax's convention: the

@@ -17,7 +17,7 @@ class ATAC(nnx.Module):
   """Local channel attention gate ``x * sigmoid(BN(up(relu(BN(down(x))))))`` (last axis).
 
   The NNX twin of :class:`atac_jax.layers.ATAC`: same options, values, gradients and BatchNorm
-  updates, computed by the same ops (memory-lean custom VJP in training by default).
+  updates, computed by the same ops (memory-lean op in training by default).
 
   Variables (NNX path -> linen path, see :func:`atac_jax.nnx.to_linen`):
 
@@ -40,7 +40,7 @@ class ATAC(nnx.Module):
     epsilon: BatchNorm epsilon.
     dtype: computation dtype; None: the promotion of input and parameter dtypes.
     param_dtype: parameter dtype.
-    memory_lean: in training, run the memory-lean custom-VJP op (reverse mode); False runs the
+    memory_lean: in training, run the memory-lean op; False runs the
       reference op.
     axis_name: ``shard_map``/``pmap`` axis over which batch statistics are global.
     use_running_average: initial mode (False: training, as ``nnx.BatchNorm``).

@@ -4,9 +4,9 @@ Implementations (``impl``):
 
 * ``"reference"`` -- plain JAX (:mod:`atac_jax.ops.reference`); JAX differentiates it in every
   mode (reverse, forward: ``jvp``/``jacfwd``/``linearize``, higher order).
-* ``"lean"`` -- one custom VJP that recomputes the bottleneck in the backward pass
-  (:mod:`atac_jax.ops.lean`); reverse mode only (``grad``, ``vjp``, grad-of-grad); same values,
-  gradients and statistics.
+* ``"lean"`` -- one op that recomputes the bottleneck in the backward pass
+  (:mod:`atac_jax.ops.lean`); every mode too (a custom JVP whose tangent is a linear map with
+  the lean backward as its transpose); same values, gradients and statistics.
 * ``"auto"`` -- the per-backend default of :mod:`atac_jax.ops.policy` (``"lean"`` on every
   backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics).
 

@@ -1,4 +1,4 @@
-"""The memory-lean ATAC gate: one custom VJP that recomputes the bottleneck in the backward pass.
+"""The memory-lean ATAC gate: one op that recomputes the bottleneck in the backward pass.
 
 Plain autodiff of :mod:`atac_jax.ops.reference` keeps ~4 activation-sized intermediates per
 unit (bottleneck output, normalised values, gate, ...). :func:`gate` keeps only the unit's input

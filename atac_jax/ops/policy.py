@@ -4,27 +4,36 @@ The ops ask :func:`platform` which backend they are lowered for. It is ``jax.def
 unless a caller compiling ahead of time for another platform says otherwise with
 :func:`lowering_platform` (``atac-bench compile`` does, for Cloud TPU topologies on a CPU host).
 
-Choices (``choice(name)``):
+Choices (``choice(name)``). "TPU chain" below is an AOT compile for one Cloud TPU v5e chip
+(libtpu 0.0.42.1) of four conv3x3 -> BN -> gate blocks at ResNet-20's first stage with 32 images,
+forward and backward (ReLU: 273 MB accessed, 55 MiB peak):
 
 ``colsum`` -- how a column sum over rows is written.
   * ``cpu``: a matrix-vector product with ones. XLA:CPU rewrites a large ``jnp.sum`` into a tree
     of ``reduce-window`` ops running at a fraction of memory bandwidth: 1.35 ms for an 8 MiB
     ``(128, 32, 32, 16)`` activation on the 2-core dev machine (jaxlib 0.10.2) against 0.55 ms for
     ``ones @ x``. Each product with 1 is exact.
-  * others: ``jnp.sum`` (a reduction XLA:GPU/TPU fuses into the producer's loop; a dot with ones
-    would be an MXU pass over a lane-padded layout on TPU).
+  * others: ``jnp.sum``, the plain reduction (TPU chain: the same bytes and peak either way).
 
 ``fold_norm`` -- whether a fused BatchNorm folds into the down-projection's kernel (float32 only).
   * ``cpu``: yes; the normalised activation is never written, measured 4% off the ResNet-20 step.
-  * others: no; XLA:GPU/TPU fuse the normalisation into the projection's operand anyway.
+  * others: no. TPU chain: folding saves 8% of the bytes (1217 vs 1316 MB) but raises the peak
+    by 11% (81 vs 73 MiB); the peak is the scarcer resource against ReLU's.
+
+``tie`` -- how the backward pass's recomputation is made to wait for the cotangent.
+  * ``cpu``: exact zeros derived element-wise from the cotangent, added to the input: XLA:CPU
+    drops optimisation barriers before CSE and would merge the recomputation into the forward
+    pass (the memory test in ``tests/test_atac_fusion.py``).
+  * others: an optimisation barrier over the parameters and the cotangent (no extra reads; the
+    same bytes as the zeros on the TPU chain).
 
 ``gate_impl`` -- the default implementation of a training-mode gate (:mod:`atac_jax.ops.gate`).
-  * all backends: ``"lean"`` (custom VJP that recomputes the bottleneck). On the CPU it is
-    0.60x the plain path's step time with 0.37x its scratch memory (ResNet-20, batch 128). On a
-    Cloud TPU v5e:2x2 (AOT cost analysis, a chain of 4 conv + BN + gate blocks at ResNet-20's
-    first stage, 32 images per chip) it accesses 1.10 GB against 1.19 GB for plain autodiff with
-    dot projections and 1.7 GB for ``jax.checkpoint`` of it, with 85 vs 117 MiB peak memory; see
-    the README, Performance.
+  * all backends: ``"lean"``. On the CPU it is 0.60x the plain path's step time with 0.37x its
+    scratch memory (ResNet-20, batch 128). TPU chain: 1.32 GB / 73 MiB, against 1.19 GB /
+    117 MiB for the reference (plain autodiff), 1.68 GB / 105 MiB for ``jax.checkpoint`` of the
+    reference and 1.47 GB / 81 MiB for a custom JVP whose tangent is a checkpointed JVP of the
+    reference; on the whole ResNet-20 step the lean op's 3.9x ReLU's bytes compare with 4.5x for
+    the reference (README, Performance).
 """
 
 from __future__ import annotations
