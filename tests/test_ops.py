@@ -159,7 +159,7 @@ def test_resolve_impl_and_policy():
     ops.resolve_impl("lean", train=True, axis_name="d")
   with ops.policy.lowering_platform("tpu"):
     assert ops.policy.platform() == "tpu"
-    assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("fold_norm") is False
+    assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("tie") == "barrier"
   assert ops.policy.platform() == jax.default_backend()
   with pytest.raises(ValueError, match="accepted"):
     with ops.policy.lowering_platform("npu"):
