@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,13 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(trained_workdir, tm
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads(result.stdout.strip().splitlines()[-1])
   assert record["step"] == 44 and record["eval/num_examples"] == 360
-  assert "Traceback" not in result.stderr
+  # No traceback through our code. Orbax's and TensorStore's I/O threads may log their own for the
+  # damaged read, or an asyncio "Event loop is closed" race at exit (seen under load, in a clean-
+  # clone CI run too, with exit code 0 and the right record); those frames are not ours.
+  frames = re.findall(r'^\s*File "([^"]+)"', result.stderr, re.M)
+  ours = [f for f in frames if re.search(r"/(atac_jax|atac_train|train)/", f)
+          and "site-packages/orbax" not in f]
+  assert not ours, result.stderr[-3000:]
   assert f"Checkpoint step 88 in {workdir}/checkpoints cannot be restored" in result.stderr
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "88"))  # eval never moves files
 

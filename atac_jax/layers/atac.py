@@ -164,8 +164,8 @@ class ATAC(nn.Module):
     source = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True) if pooled else x
     z, _ = ops.reference.gate_logits(source, params, stats, epsilon=self.epsilon,
                                      inner_relu=self.inner_relu)
-    gate = jax.nn.sigmoid(z)
-    self.sow("intermediates", "gate", jnp.broadcast_to(gate, x.shape).astype(x.dtype))
+    # Point-wise: shaped like x; global: one value per example and channel, (N, 1, ..., 1, C).
+    self.sow("intermediates", "gate", jax.nn.sigmoid(z).astype(x.dtype))
 
 
 class _PointwiseVars(nn.Module):
