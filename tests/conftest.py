@@ -86,3 +86,18 @@ def damage_checkpoint(workdir, step):
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
+
+
+def randomize(variables, seed):
+  """Random parameters and positive running variances, so nothing sits at a special value."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(seed)
+
+  def draw(path, leaf):
+    if getattr(path[-1], "key", "") == "var":
+      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, variables)

@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 
 from atac_jax.layers import ATAC, BatchNormVariables
+from conftest import randomize
 
 MOMENTUM, EPS = 0.9, 1e-5
 
 
-def _randomize(variables, seed):
-  """Replaces every leaf by random values (positive for variances) so nothing is at init."""
-  rng = np.random.RandomState(seed)
-  def draw(path, leaf):
-    names = [getattr(p, "key", "") for p in path]
-    if names[-1] == "var":
-      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-    return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 def _np_bn(h, p, s, train):
@@ -56,7 +48,7 @@ def _np_atac(x, variables, *, train, use_global=False, inner_relu=True):
 def test_matches_numpy_formula(train, use_global, inner_relu, use_bias):
   x = np.random.RandomState(0).normal(size=(4, 5, 6, 8)).astype(np.float32)
   unit = ATAC(reduction=2, use_global=use_global, inner_relu=inner_relu, use_bias=use_bias)
-  variables = _randomize(unit.init(jax.random.key(0), x, train=False), seed=1)
+  variables = randomize(unit.init(jax.random.key(0), x, train=False), seed=1)
   y, updates = unit.apply(variables, x, train=train, mutable=["batch_stats"])
   expected, expected_stats = _np_atac(x, variables, train=train, use_global=use_global,
                                       inner_relu=inner_relu)
@@ -73,7 +65,7 @@ def test_global_gate_is_one_value_per_channel():
   """use_global gives an SE-style gate: y / x is constant over H and W for each (n, c)."""
   x = np.random.RandomState(2).uniform(0.5, 2.0, size=(3, 4, 4, 6)).astype(np.float32)
   unit = ATAC(reduction=3, use_global=True)
-  variables = _randomize(unit.init(jax.random.key(0), x, train=False), seed=3)
+  variables = randomize(unit.init(jax.random.key(0), x, train=False), seed=3)
   gate = np.asarray(unit.apply(variables, x, train=False)) / x
   np.testing.assert_allclose(gate, np.broadcast_to(gate[:, :1, :1, :], gate.shape), rtol=1e-5)
   assert np.all((gate > 0) & (gate < 1))
@@ -180,7 +172,7 @@ def test_memory_lean_gradients_equal_plain(train, inner_relu, use_bias, reductio
   """Loss, parameter, input and running-statistic gradients, and batch_stats updates."""
   x = np.random.RandomState(4).normal(1.0, 2.0, size=(4, 5, 6, 8)).astype(np.float32)
   lean, plain = _lean_and_plain(inner_relu=inner_relu, use_bias=use_bias, reduction=reduction)
-  variables = _randomize(plain.init(jax.random.key(0), x, train=False), seed=5)
+  variables = randomize(plain.init(jax.random.key(0), x, train=False), seed=5)
   value, stats, grads = _loss_and_grads(lean, variables, x, train=train)
   expected_value, expected_stats, expected_grads = _loss_and_grads(plain, variables, x,
                                                                    train=train)
@@ -196,7 +188,7 @@ def test_memory_lean_differentiates_the_returned_statistics():
   """Cotangents flowing into the updated batch_stats reach the input and the parameters."""
   x = jax.random.normal(jax.random.key(1), (4, 6, 6, 8))
   lean, plain = _lean_and_plain()
-  variables = _randomize(plain.init(jax.random.key(0), x, train=False), seed=6)
+  variables = randomize(plain.init(jax.random.key(0), x, train=False), seed=6)
 
   def loss(unit, params, x):
     y, updates = unit.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -280,7 +272,7 @@ def test_fused_batch_norm_equals_batch_norm_then_unit(train, inner_relu, use_bia
   fused, composed = (_NormThenATAC(f, inner_relu, use_bias) for f in (True, False))
   init = lambda m: jax.jit(functools.partial(m.init, train=False))(jax.random.key(2), x)
   chex.assert_trees_all_equal(init(fused), init(composed))
-  variables = _randomize(init(composed), seed=8)
+  variables = randomize(init(composed), seed=8)
   value, stats, grads = _loss_and_grads(fused, variables, x, train=train)
   want_value, want_stats, want_grads = _loss_and_grads(composed, variables, x, train=train)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -307,7 +299,7 @@ def test_fused_batch_norm_bad_input(norm_kwargs, match):
 def test_fused_batch_norm_bfloat16_close_to_unfused():
   x = np.random.RandomState(9).normal(0.5, 3.0, size=(4, 6, 6, 16)).astype(np.float32)
   fused, composed = (_NormThenATAC(f, dtype=jnp.bfloat16) for f in (True, False))
-  variables = _randomize(composed.init(jax.random.key(2), x, train=False), seed=10)
+  variables = randomize(composed.init(jax.random.key(2), x, train=False), seed=10)
   value, stats, grads = _loss_and_grads(fused, variables, x, train=True)
   want_value, want_stats, want_grads = _loss_and_grads(composed, variables, x, train=True)
   chex.assert_trees_all_equal_dtypes(grads, want_grads)

@@ -11,15 +11,9 @@ import pytest
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from atac_jax.layers import SE, XUnit
+from conftest import randomize
 
 
-def _randomize(variables, seed):
-  rng = np.random.RandomState(seed)
-  def draw(path, leaf):
-    if getattr(path[-1], "key", "") == "var":
-      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-    return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 def _se_numpy(x, p):
@@ -35,7 +29,7 @@ def test_se_matches_numpy(shape):
   """Any channels-last rank >= 2: the squeeze averages every axis between batch and channels."""
   x = np.random.RandomState(0).normal(size=shape).astype(np.float32)
   unit = SE(reduction=4)
-  params = _randomize(unit.init(jax.random.key(0), x), 1)["params"]
+  params = randomize(unit.init(jax.random.key(0), x), 1)["params"]
   expected, expected_gate = _se_numpy(x, jax.tree.map(np.asarray, params))
   y, state = unit.apply({"params": params}, x, mutable=["intermediates"])
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
@@ -78,7 +72,7 @@ def test_xunit_matches_numpy(train, shape):
   """Images, sequences and volumes: the depthwise kernel spans every spatial axis."""
   x = np.random.RandomState(0).normal(size=shape).astype(np.float32)
   unit = XUnit(kernel_size=3)
-  variables = _randomize(unit.init(jax.random.key(0), x, train=False), 2)
+  variables = randomize(unit.init(jax.random.key(0), x, train=False), 2)
   chex.assert_shape(variables["params"]["dwconv"]["kernel"], (3,) * (len(shape) - 2) + (1, 3))
   expected, expected_gate = _xunit_numpy(x, variables, train)
   y, state = unit.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"])
@@ -103,7 +97,7 @@ def test_xunit_axis_name_gives_whole_batch_statistics(num_devices):
   """
   x = np.random.RandomState(0).normal(size=(8, 4, 4, 3)).astype(np.float32)
   x[:4] += 2.0  # shards with different statistics
-  variables = _randomize(XUnit().init(jax.random.key(0), x, train=False), 3)
+  variables = randomize(XUnit().init(jax.random.key(0), x, train=False), 3)
   expected, expected_updates = XUnit().apply(variables, x, train=True, mutable=["batch_stats"])
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ("batch",), axis_types=(AxisType.Auto,))
 

@@ -21,6 +21,7 @@ from jax.flatten_util import ravel_pytree
 from atac_jax import models
 from atac_jax.layers import (ATAC, SE, AReLU, AWConv, Elementwise, PReLU, XUnit,
                              get_activation)
+from conftest import randomize
 
 # name -> (unit factory, input shape). Every unit.
 UNITS = {
@@ -38,14 +39,6 @@ ELEMENTWISE = ("relu", "elu", "selu", "gelu", "swish", "mish")
 
 
 
-def _randomize(variables, seed):
-  """Random parameters and positive running variances, so nothing sits at a special value."""
-  rng = np.random.RandomState(seed)
-  def draw(path, leaf):
-    if getattr(path[-1], "key", "") == "var":
-      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-    return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 def _unit_fn(name, train):
@@ -53,7 +46,7 @@ def _unit_fn(name, train):
   factory, shape = UNITS[name]
   unit = factory()
   x = jnp.asarray(np.random.RandomState(0).normal(size=shape), jnp.float32)
-  variables = _randomize(unit.init(jax.random.key(0), x, train=False), 1)
+  variables = randomize(unit.init(jax.random.key(0), x, train=False), 1)
   batch_stats = variables.get("batch_stats", {})
 
   def f(params, x):
@@ -171,7 +164,7 @@ def _call_at_call_time(name, x, variables, train):
 def test_constructor_train_equals_call_train(name, train):
   factory, shape = UNITS[name]
   x = jnp.asarray(np.random.RandomState(0).normal(size=shape), jnp.float32)
-  variables = _randomize(factory().init(jax.random.key(0), x, train=False), 1)
+  variables = randomize(factory().init(jax.random.key(0), x, train=False), 1)
   expected = _call_at_call_time(name, x, variables, train)
   got = factory(train=train).apply(variables, x, mutable=["batch_stats"])
   chex.assert_trees_all_close(got, expected)
@@ -255,7 +248,7 @@ class _Plain(nn.Module):
 def test_remat_with_constructor_train(name):
   """``nn.remat(Unit)(train=True)``: values, ``batch_stats`` updates and gradients unchanged."""
   x = jnp.asarray(np.random.RandomState(0).normal(size=UNITS[name][1]), jnp.float32)
-  variables = _randomize(_Plain(name, False).init(jax.random.key(0), x), 1)
+  variables = randomize(_Plain(name, False).init(jax.random.key(0), x), 1)
 
   def loss(params, module):
     y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
@@ -295,7 +288,7 @@ def test_scan_over_layers_equals_applying_each_layer(name):
   scanned = nn.scan(_Step, variable_axes={"params": 0, "batch_stats": 0},
                     split_rngs={"params": True}, length=layers)(make)
   x = jnp.asarray(np.random.RandomState(0).normal(size=shape), jnp.float32)
-  variables = _randomize(scanned.init(jax.random.key(0), x, None), 1)
+  variables = randomize(scanned.init(jax.random.key(0), x, None), 1)
   (y, _), updates = scanned.apply(variables, x, None, mutable=["batch_stats"])
 
   expected, expected_stats = x, []

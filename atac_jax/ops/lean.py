@@ -28,7 +28,6 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from atac_jax.ops import batch_norm, policy, reductions
 from atac_jax.ops.linear_map import linear_map
@@ -242,16 +241,6 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   dstats_in = GateStats(*(Moments(like(d.mean, s.mean), like(d.var, s.var))
                           for d, s in zip((ddown_in, dup_in), stats)))
   return dx, dparams, dstats_in
-
-
-def _live(ct):
-  """``ct``, or None where it is all zeros by construction (a symbolic zero upstream)."""
-  if ct is None or isinstance(ct, SymbolicZero):
-    return None
-  if isinstance(ct, tuple):
-    fields = [_live(c) for c in ct]
-    return None if all(f is None for f in fields) else type(ct)(*fields)
-  return ct
 
 
 def _tie(x, small, dy):
