@@ -46,7 +46,8 @@ class ATAC(nn.Module):
   input's and the parameters' dtypes.
 
   Introspection: with the ``intermediates`` collection mutable, the unit sows its gate
-  ``sigmoid(...)`` (same shape as the input) as ``intermediates/<path>/gate``.
+  ``sigmoid(...)`` as ``intermediates/<path>/gate``: shaped like the input for the point-wise
+  unit, ``(N, 1, ..., 1, C)`` for a global one (as SE); ``unit(x) == x * gate`` either way.
 
   Attributes:
     reduction: bottleneck reduction ``r`` (the reference README uses 2).

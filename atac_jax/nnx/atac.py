@@ -110,7 +110,10 @@ class ATAC(nnx.Module):
     return y
 
   def gate(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
-    """The gate ``sigmoid(z)`` the unit multiplies ``x`` by (shape of ``x``; introspection).
+    """The gate ``sigmoid(z)`` the unit multiplies ``x`` by (introspection).
+
+    Shaped like ``x`` for the point-wise unit; one value per example and channel,
+    ``(N, 1, ..., 1, C)``, for a global one (as SE), so ``unit(x) == x * gate`` either way.
 
     Computed with the statistics the call would use (batch moments in training, running ones
     in eval mode); nothing is updated. The linen unit sows the same values as
@@ -127,7 +130,7 @@ class ATAC(nnx.Module):
     z, _ = ops.reference.gate_logits(source, self.gate_params(dtype), running,
                                      epsilon=self.epsilon, inner_relu=self.inner_relu,
                                      axis_name=self.axis_name)
-    return jnp.broadcast_to(jax.nn.sigmoid(z), x.shape).astype(x.dtype)
+    return jax.nn.sigmoid(z).astype(x.dtype)
 
   def gate_params(self, dtype: Any) -> ops.GateParams:
     """The variables as :class:`atac_jax.ops.GateParams` (projections cast to ``dtype``)."""
