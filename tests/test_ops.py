@@ -129,6 +129,15 @@ def test_norm_gate_equals_batch_norm_then_gate(impl, fold, monkeypatch):
     return jnp.sum(y * jnp.arange(C)) + jnp.sum(m.var) + jnp.sum(s.up.mean ** 2)
 
   chex.assert_trees_all_close(fused(x, norm, p), composed(x, norm, p), rtol=1e-10)
+  _, _, stats = ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS, inner_relu=True,
+                              dtype=jnp.float64, impl=impl)
+  xn = ops.batch_norm.normalize(x, ops.batch_norm.moments(x, plain=True), norm, epsilon=1e-3,
+                                dtype=jnp.float64)
+  h = np.asarray(xn).reshape(-1, C) @ np.asarray(p.down.kernel)  # every statistic, from NumPy
+  np.testing.assert_allclose(stats.down.mean, h.mean(0), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(stats.down.var, h.var(0), rtol=1e-9)
+  chex.assert_trees_all_close(stats.up, ops.reference.gate(xn, p, epsilon=EPS,
+                                                           inner_relu=True)[1].up, rtol=1e-9)
   chex.assert_trees_all_close(jax.grad(fused, (0, 1, 2))(x, norm, p),
                               jax.grad(composed, (0, 1, 2))(x, norm, p), rtol=1e-8, atol=1e-10)
   if impl == "lean":
@@ -160,6 +169,7 @@ def test_resolve_impl_and_policy():
   with ops.policy.lowering_platform("tpu"):
     assert ops.policy.platform() == "tpu"
     assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("tie") == "barrier"
+    assert ops.policy.choice("contraction") == "conv"
   assert ops.policy.platform() == jax.default_backend()
   with pytest.raises(ValueError, match="accepted"):
     with ops.policy.lowering_platform("npu"):
@@ -167,11 +177,38 @@ def test_resolve_impl_and_policy():
 
 
 @pytest.mark.parametrize("platform", ["cpu", "tpu"])
-def test_policy_choices_give_equal_results(platform):
-  p, x = _params(jax.random.PRNGKey(8), bias=True), _x()
+@pytest.mark.parametrize("shape", [(4, 5, C), (2, 3, 4, C)])
+def test_policy_choices_give_equal_results(platform, shape):
+  p, x = _params(jax.random.PRNGKey(8), bias=True), _x(shape)
   loss = lambda x, p: jnp.sum(ops.gate(x, p, epsilon=EPS, inner_relu=True, impl="lean")[0] ** 2)
   with ops.policy.lowering_platform(platform):
     got = jax.grad(loss, (0, 1))(x, p)
   ref = jax.grad(lambda x, p: jnp.sum(ops.reference.gate(x, p, epsilon=EPS,
                                                           inner_relu=True)[0] ** 2), (0, 1))(x, p)
   chex.assert_trees_all_close(got, ref, rtol=1e-9, atol=1e-10)
+  norm = Affine(jnp.linspace(0.5, 1.5, C), jnp.linspace(-0.2, 0.2, C))
+  fused = lambda x, norm, p: ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS,
+                                           inner_relu=True, dtype=jnp.float64, impl="lean")
+  with ops.policy.lowering_platform(platform):
+    check_grads(fused, (x, norm, p), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, C), (3, 4, C), (2, 3, 4, C), (2, 2, 3, 2, C)])
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_contraction_forms_match_numpy(shape, platform):
+  x = _x(shape)
+  b = jax.random.normal(jax.random.PRNGKey(3), shape[:-1] + (K,), jnp.float64)
+  kernel = jax.random.normal(jax.random.PRNGKey(4), (C, K), jnp.float64)
+  with ops.policy.lowering_platform(platform):  # tpu: 1x1 convolutions for rank >= 3
+    product, gram = ops.reductions.pointwise(x, kernel), ops.reductions.tdot(x, b)
+  rows_x, rows_b = np.asarray(x).reshape(-1, C), np.asarray(b).reshape(-1, K)
+  np.testing.assert_allclose(np.asarray(product).reshape(-1, K), rows_x @ np.asarray(kernel),
+                             rtol=1e-12, atol=1e-12)
+  assert product.shape == shape[:-1] + (K,)
+  np.testing.assert_allclose(gram, rows_x.T @ rows_b, rtol=1e-12, atol=1e-12)
+  with ops.policy.lowering_platform(platform):
+    total, square = ops.reductions.gram(x)
+    products = ops.reductions.sum_product(x, 2 * x + 1)
+  np.testing.assert_allclose(total, rows_x.sum(0), rtol=1e-12)
+  np.testing.assert_allclose(square, rows_x.T @ rows_x, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(products, (rows_x * (2 * rows_x + 1)).sum(0), rtol=1e-12)

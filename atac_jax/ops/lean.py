@@ -31,7 +31,7 @@ from jax import lax
 
 from atac_jax.ops import batch_norm, policy, reductions
 from atac_jax.ops.linear_map import linear_map
-from atac_jax.ops.reductions import acc_dtype, colsum, tdot
+from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
 
 
@@ -71,19 +71,54 @@ class FoldedNorm(NamedTuple):
     k32 = projection.kernel.astype(mul.dtype)
     bias = shift @ k32 + (0.0 if projection.bias is None else projection.bias.astype(mul.dtype))
     # Accumulated and shifted in float32, then rounded once.
-    h = jnp.dot(x.astype(self.dtype), (mul[:, None] * k32).astype(self.dtype),
-                preferred_element_type=acc_dtype(self.dtype))
+    h = pointwise(x.astype(self.dtype), (mul[:, None] * k32).astype(self.dtype),
+                  preferred_element_type=acc_dtype(self.dtype))
     return (h + bias).astype(self.dtype)
 
-  def tdot(self, x, d):
+  def projected_mean(self, projection: Projection) -> jax.Array:
+    """The batch mean of ``p @ kernel + bias`` (float32) without a pass over the rows.
+
+    A training-mode BatchNorm's output has batch mean exactly its bias (``sum(x - mean) = 0``),
+    so the mean is ``bias_bn @ kernel + bias`` up to rounding, for every input.
+    """
+    beta = self.affine.bias.astype(acc_dtype(self.dtype))
+    k32 = projection.kernel.astype(beta.dtype)
+    return beta @ k32 + (0.0 if projection.bias is None else projection.bias.astype(beta.dtype))
+
+  def backward(self, x, dh, sum_dh, kernel, gate_dy, dstats: Optional[Moments]):
+    """``(dx, p^T dh, daffine)`` for ``dp = dh kernel^T + gate_dy``, ``dp`` never written.
+
+    ``sum_dh`` is ``sum(dh)`` over the rows (float32).
+    ``dx`` is the BatchNorm's input gradient ``mul * dp + c0 + c1 * (x - mean)``: its two row
+    sums come from small products (``sum(dp) = kernel sum(dh) + sum(gate_dy)`` and
+    ``sum(dp (x - mean)) = rowsum(kernel * (x - mean)^T dh) + sum(gate_dy (x - mean))``), and
+    ``mul`` folds into the transposed kernel, so ``dx`` is one pass after the down-projection's
+    transpose instead of a write and a read of ``dp``. ``dstats`` are the cotangents of the
+    BatchNorm's batch moments (None where zero).
+    """
+    f32 = acc_dtype(self.dtype)
     mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
-    return mul[:, None] * tdot(x.astype(self.dtype), d) + jnp.outer(shift, colsum(d))
+    rs = lax.rsqrt(self.stats.var + self.epsilon)
+    count = x.size // x.shape[-1]
+    k32 = kernel.astype(f32)
+    x_dh = tdot(x.astype(self.dtype), dh)  # (C, K)
+    xc = x.astype(f32) - self.stats.mean
+    sum_dp = k32 @ sum_dh + colsum(gate_dy)
+    xc_dh = x_dh - jnp.outer(self.stats.mean, sum_dh)
+    sum_dp_xc = jnp.sum(k32 * xc_dh, axis=1) + colsum(gate_dy * xc)
+    c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)
+    dx = (pointwise(dh, (mul[:, None] * k32).T.astype(dh.dtype)).astype(f32)
+          + mul * gate_dy + c0 + c1 * xc)
+    dkernel = mul[:, None] * x_dh + jnp.outer(shift, sum_dh)
+    daffine = Affine((sum_dp_xc * rs).astype(self.affine.scale.dtype),
+                     sum_dp.astype(self.affine.bias.dtype))
+    return dx.astype(x.dtype), dkernel, daffine
 
 
 def _project(x, projection: Projection, norm: Optional[FoldedNorm]):
   if norm is not None:
     return norm.project(x, projection)
-  y = jnp.dot(x.astype(projection.kernel.dtype), projection.kernel)
+  y = pointwise(x.astype(projection.kernel.dtype), projection.kernel)
   return y if projection.bias is None else y + projection.bias
 
 
@@ -98,20 +133,21 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
             norm: Optional[FoldedNorm] = None, intermediates: bool = False):
   """The gate: ``(y, batch GateStats or None, Gram or None)`` (or :class:`Intermediates`).
 
-  Batch statistics are ``nn.BatchNorm``'s (mean, fast variance clipped at 0). The down
-  BatchNorm's sums of squares are the diagonal of ``h^T h`` (a matmul), and the up BatchNorm's
-  moments come from the bottleneck's :class:`Gram` (``mean_u = mean_a Wu + bu``,
-  ``var_u = diag(Wu^T cov_a Wu)``) instead of another pass over the ``C``-wide output. With
-  ``norm``, ``x`` is a BatchNorm's input and the gate's input is ``norm.apply(x)``.
+  Batch statistics are ``nn.BatchNorm``'s (mean and biased variance). The down BatchNorm's
+  variance is centred (two passes over ``h``; with input offsets ``E[h^2] - E[h]^2`` cancels,
+  gradients 5x further from float64 than nn.BatchNorm's at an offset of 100); after a folded
+  BatchNorm its mean needs no pass (:meth:`FoldedNorm.projected_mean`), so the variance joins
+  the projection's pass. The up BatchNorm's moments come from the bottleneck's :class:`Gram`
+  (``mean_u = mean_a Wu + bu``, ``var_u = diag(Wu^T cov_a Wu)``) instead of another pass over
+  the ``C``-wide output. With ``norm``, ``x`` is a BatchNorm's input and the gate's input is
+  ``norm.apply(x)``.
   """
   p_down, p_up = params.down, params.up
   dtype = p_down.kernel.dtype
   count = x.size // x.shape[-1]
   h = _project(x, p_down, norm)
   if stats is None:
-    m1 = colsum(h) / count
-    # Centred (two-pass) variance: with input offsets E[h^2] - E[h]^2 cancels catastrophically
-    # (gradients 5x further from float64 than nn.BatchNorm's at an offset of 100).
+    m1 = colsum(h) / count if norm is None else norm.projected_mean(p_down)
     hc = h.astype(acc_dtype(dtype)) - m1
     v1 = colsum(jnp.square(hc)) / count
     down = Moments(m1, v1)
@@ -123,7 +159,7 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
   u = _project(a, p_up, None)
   gram = None
   if stats is None:
-    gram = Gram(colsum(a), tdot(a, a))
+    gram = Gram(*reductions.gram(a))
     mean_a = gram.total / count
     cov_a = gram.matrix / count - jnp.outer(mean_a, mean_a)
     ku = p_up.kernel.astype(cov_a.dtype)
@@ -141,12 +177,14 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
 
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[Gram],
              dy: jax.Array, dstats: Optional[GateStats], cfg: Config, *, batch_stats: bool,
-             norm: Optional[FoldedNorm] = None):
+             norm: Optional[FoldedNorm] = None, norm_dstats: Optional[Moments] = None):
   """Cotangents ``(dx, dparams, dstats_in or None)``, recomputing the bottleneck from ``x``.
 
+  With ``norm``: ``(dx, dparams, daffine)``, ``dx`` and ``daffine`` the BatchNorm's input and
+  affine gradients (:meth:`FoldedNorm.backward`).
+
   Args:
-    x: the input (with ``norm``: the BatchNorm's input; ``dx`` is then the cotangent of the
-      BatchNorm's output).
+    x: the input (with ``norm``: the BatchNorm's input).
     params: the parameters.
     stats: the statistics the forward pass used (batch moments when ``batch_stats``).
     gram: the forward pass's :class:`Gram` (``batch_stats`` only).
@@ -154,7 +192,8 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     dstats: cotangents of the returned batch moments (None, or None fields, where zero).
     cfg: static options.
     batch_stats: whether the forward pass normalised with batch moments (training).
-    norm: a :class:`FoldedNorm` (see :func:`forward`).
+    norm: a :class:`FoldedNorm` (see :func:`forward`); training mode only.
+    norm_dstats: with ``norm``, cotangents of its batch moments (None where zero).
 
   The BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
   up-projection's weight gradient), so the ``C``-wide gradient of the up-projection's output is
@@ -192,13 +231,13 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     dku = a2 * g_adz + jnp.outer(gram.total, c0) + c1 * a_uc
     sum_uc = gram.total @ ku32 + count * shift_u
     dbu = None if bu is None else a2 * sum_dz + count * c0 + c1 * sum_uc
-    da = (jnp.dot(dz, (a2 * ku32).T) + jnp.dot(a.astype(f32), (ku32 * c1) @ ku32.T)
+    da = (pointwise(dz, (a2 * ku32).T) + pointwise(a.astype(f32), (ku32 * c1) @ ku32.T)
           + (c0 + c1 * shift_u) @ ku32.T)
     dup_in = None
   else:  # du = a2 * dz
     dku = a2 * g_adz
     dbu = None if bu is None else a2 * sum_dz
-    da = jnp.dot(dz, (a2 * ku32).T)
+    da = pointwise(dz, (a2 * ku32).T)
     dup_in = Moments(-a2 * sum_dz, -0.5 * g2 * rs2**3 * sum_dz_uc)
   if cfg.inner_relu:
     da = jnp.where(a > 0, da, 0.0)  # a > 0 exactly where the pre-activation is
@@ -208,32 +247,39 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   a1 = rs1 * g1
   hc = h.astype(f32) - m1
   sum_da = colsum(da)
-  sum_da_hc = reductions.diagonal(tdot(da, hc))
+  sum_da_hc = reductions.sum_product(da, hc)
   dg1, db1 = sum_da_hc * rs1, sum_da
+  # sum(dh) from per-channel sums, so dh need not be written for a reduction of its own: the
+  # products with it (dx, the kernel gradient) recompute it inside their fusions.
   if batch_stats:
     e0, e1 = batch_norm.input_gradient_terms(a1, rs1, sum_da, sum_da_hc, count, ddown)
     dh = a1 * da + e0 + e1 * hc
+    sum_dh = a1 * sum_da + count * e0 + e1 * colsum(hc)
     ddown_in = None
   else:
     dh = a1 * da
+    sum_dh = a1 * sum_da
     ddown_in = Moments(-a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc)
   dh = dh.astype(dtype)
-  dbd = None if bd is None else colsum(dh)
-  if norm is None:  # centred: sum(dh) vanishes only to rounding, so an input offset would not
-    mean_x = colsum(x) / count
-    dkd = tdot((x.astype(f32) - mean_x).astype(dtype), dh) + jnp.outer(mean_x, colsum(dh))
-  else:  # the BatchNorm's output is centred by construction
-    dkd = norm.tdot(x, dh)
+  dbd = None if bd is None else sum_dh
   # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
   # dx is written once instead of being re-derived inside each consumer.
   gate_dy = dy2 / (1.0 + jnp.exp(-z32))
-  dx = (jnp.dot(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
+  daffine = None
+  if norm is None:  # centred: sum(dh) vanishes only to rounding, so an input offset would not
+    mean_x = colsum(x) / count
+    dkd = tdot((x.astype(f32) - mean_x).astype(dtype), dh) + jnp.outer(mean_x, sum_dh)
+    dx = (pointwise(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
+  else:
+    dx, dkd, daffine = norm.backward(x, dh, sum_dh, kd, gate_dy, norm_dstats)
   like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
   dparams = GateParams(
       Projection(like(dkd, kd), like(dbd, bd)),
       Affine(like(dg1, g1), like(db1, params.norm_down.bias)),
       Projection(like(dku, ku), like(dbu, bu)),
       Affine(like(dg2, g2), like(db2, params.norm_up.bias)))
+  if norm is not None:
+    return dx, dparams, daffine
   if batch_stats:
     return dx, dparams, None
   dstats_in = GateStats(*(Moments(like(d.mean, s.mean), like(d.var, s.var))
@@ -373,8 +419,12 @@ def _norm_gate_jvp(cfg, primals, tangents):
     x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy)
     gate_x, folded = _gate_input(x_tied, moments, norm_tied, cfg.norm_epsilon,
                                  cfg.dtype, cfg.fold)
+    if folded is not None:  # the BatchNorm's backward joins the gate's last pass
+      dx, dparams, daffine = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
+                                      batch_stats=True, norm=folded, norm_dstats=dmoments)
+      return dx, daffine, dparams
     dp, dparams, _ = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
-                              batch_stats=True, norm=folded)
+                              batch_stats=True)
     dx, daffine = batch_norm.backward(x, norm_affine, moments, dp, dmoments,
                                       epsilon=cfg.norm_epsilon)
     return dx, daffine, dparams

@@ -32,11 +32,74 @@ def colsum(a: jax.Array) -> jax.Array:
   return jnp.sum(a.astype(acc_dtype(a.dtype)), axis=0)
 
 
+def _as_conv(a: jax.Array) -> bool:
+  """Whether products with ``a`` are written as convolutions (policy ``'contraction'``)."""
+  return a.ndim >= 3 and policy.choice("contraction") == "conv"
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, *, preferred_element_type: Any = None
+              ) -> jax.Array:
+  """``x @ kernel`` on the channel axis of ``x (N, ..., C)`` with ``kernel (C, K)``.
+
+  Per :func:`atac_jax.ops.policy.choice` ``'contraction'``: a matrix product, or (an input of
+  rank 3 or more) a 1x1 convolution, which XLA:TPU lays out and fuses as the network's own
+  convolutions.
+  """
+  if not _as_conv(x):
+    return jnp.dot(x, kernel, preferred_element_type=preferred_element_type)
+  r = x.ndim
+  spatial = tuple(range(1, r - 1))
+  numbers = lax.ConvDimensionNumbers((0, r - 1, *spatial), (r - 1, r - 2, *range(r - 2)),
+                                     (0, r - 1, *spatial))
+  return lax.conv_general_dilated(x, kernel.reshape((1,) * (r - 2) + kernel.shape),
+                                  (1,) * (r - 2), "VALID", dimension_numbers=numbers,
+                                  preferred_element_type=preferred_element_type)
+
+
 def tdot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``a^T b`` over all but the channel axis, accumulated and returned in at least float32."""
-  a, b = rows(a), rows(b)
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                         preferred_element_type=acc_dtype(jnp.result_type(a, b)))
+  """``a^T b`` over all but the channel axis, accumulated and returned in at least float32.
+
+  Per policy ``'contraction'``: a matrix product over rows, or (rank 3 or more) the weight
+  gradient of a 1x1 convolution (a convolution whose window covers the spatial axes).
+  """
+  acc = acc_dtype(jnp.result_type(a, b))
+  if not _as_conv(a):
+    return lax.dot_general(rows(a), rows(b), (((0,), (0,)), ((), ())),
+                           preferred_element_type=acc)
+  r = a.ndim
+  spatial = tuple(range(1, r - 1))
+  # Batch <- a's channels, features <- the batch axis, window <- the whole spatial extent.
+  numbers = lax.ConvDimensionNumbers((r - 1, 0, *spatial), (r - 1, 0, *spatial),
+                                     (0, r - 1, *spatial))
+  out = lax.conv_general_dilated(a, b, (1,) * (r - 2), "VALID", dimension_numbers=numbers,
+                                 preferred_element_type=acc)
+  return out.reshape(a.shape[-1], b.shape[-1])
+
+
+def gram(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sum of the rows, a^T a)`` over all but the channel axis, in at least float32.
+
+  Per policy ``'contraction'``: separately, or (convolutions) as one weight-gradient
+  convolution of ``a`` with a column of ones appended, so the sums ride along in the same pass.
+  """
+  if not _as_conv(a):
+    return colsum(a), tdot(a, a)
+  with_ones = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  product = tdot(with_ones, a)  # (K + 1, K); the last row is the column sum
+  return product[-1], product[:-1]
+
+
+def sum_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``sum(a * b)`` over all but the channel axis, per channel, in at least float32.
+
+  Per :func:`atac_jax.ops.policy.choice` ``'colsum'``: on XLA:CPU the diagonal of ``a^T b`` (a
+  small matrix product, faster there than the reduction); elsewhere a reduction of the product,
+  which XLA fuses into the pass that produces ``a`` or ``b``.
+  """
+  if policy.choice("colsum") == "ones_matmul":
+    return diagonal(tdot(a, b))
+  acc = acc_dtype(jnp.result_type(a, b))
+  return colsum(a.astype(acc) * b.astype(acc))
 
 
 def diagonal(square: jax.Array) -> jax.Array:

@@ -12,13 +12,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from atac_jax.ops import batch_norm
+from atac_jax.ops import batch_norm, reductions
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
 
 
 def project(x: jax.Array, projection: Projection) -> jax.Array:
-  """``x @ kernel + bias`` over the last axis, in the kernel's dtype."""
-  y = jnp.dot(x.astype(projection.kernel.dtype), projection.kernel)
+  """``x @ kernel + bias`` over the last axis, in the kernel's dtype (``reductions.pointwise``)."""
+  y = reductions.pointwise(x.astype(projection.kernel.dtype), projection.kernel)
   return y if projection.bias is None else y + projection.bias
 
 
