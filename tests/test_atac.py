@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from atac_jax import ops
 from atac_jax.layers import ATAC, BatchNormVariables
 from conftest import randomize
 
@@ -296,11 +297,13 @@ def test_fused_batch_norm_bad_input(norm_kwargs, match):
     Pair().init(jax.random.key(0), jnp.zeros((2, 4, 4, 8)))
 
 
-def test_fused_batch_norm_bfloat16_close_to_unfused():
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])  # the ops' policy (tpu: 1x1 convolutions)
+def test_fused_batch_norm_bfloat16_close_to_unfused(platform):
   x = np.random.RandomState(9).normal(0.5, 3.0, size=(4, 6, 6, 16)).astype(np.float32)
   fused, composed = (_NormThenATAC(f, dtype=jnp.bfloat16) for f in (True, False))
   variables = randomize(composed.init(jax.random.key(2), x, train=False), seed=10)
-  value, stats, grads = _loss_and_grads(fused, variables, x, train=True)
+  with ops.policy.lowering_platform(platform):
+    value, stats, grads = _loss_and_grads(fused, variables, x, train=True)
   want_value, want_stats, want_grads = _loss_and_grads(composed, variables, x, train=True)
   chex.assert_trees_all_equal_dtypes(grads, want_grads)
   np.testing.assert_allclose(value, want_value, rtol=0.02)

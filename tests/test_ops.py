@@ -193,6 +193,17 @@ def test_policy_choices_give_equal_results(platform, shape):
     check_grads(fused, (x, norm, p), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
+def test_contraction_forms_promote_mixed_dtypes_as_dot():
+  x = _x((2, 3, 4, C)).astype(jnp.bfloat16)
+  b = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 4, K), jnp.float32)
+  kernel = jax.random.normal(jax.random.PRNGKey(4), (C, K), jnp.float32)
+  dot = ops.reductions.pointwise(x, kernel), ops.reductions.tdot(x, b)
+  with ops.policy.lowering_platform("tpu"):
+    conv = ops.reductions.pointwise(x, kernel), ops.reductions.tdot(x, b)
+  chex.assert_trees_all_equal_dtypes(conv, dot)
+  chex.assert_trees_all_close(conv, dot, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(7, C), (3, 4, C), (2, 3, 4, C), (2, 2, 3, 2, C)])
 @pytest.mark.parametrize("platform", ["cpu", "tpu"])
 def test_contraction_forms_match_numpy(shape, platform):

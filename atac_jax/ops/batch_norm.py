@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,26 +58,3 @@ def input_gradient_terms(a: jax.Array, rs: jax.Array, sum_d: jax.Array,
   c0 = -a * sum_d / count + (0.0 if dmean is None else dmean / count)
   c1 = -a * rs * rs * sum_d_centered / count + (0.0 if dvar is None else 2.0 * dvar / count)
   return c0, c1
-
-
-def backward(x: jax.Array, affine: Affine, stats: Moments, dp: jax.Array,
-             dstats: Optional[Moments], *, epsilon: float) -> tuple[jax.Array, Affine]:
-  """``(dx, daffine)`` of a training-mode BatchNorm ``p = (x - mean) rs g + b``.
-
-  ``stats`` are the batch moments of ``x``; ``dstats`` their cotangents (None where zero).
-  Sums are centred (``sum(dp * (x - mean))``), so offsets in ``x`` do not cancel.
-  """
-  acc = reductions.acc_dtype(x.dtype)
-  shape = x.shape
-  x2 = reductions.rows(x)
-  dp = reductions.rows(dp).astype(acc)
-  count = x2.shape[0]
-  rs = lax.rsqrt(stats.var + epsilon)
-  a = rs * affine.scale
-  xc = x2.astype(acc) - stats.mean
-  sum_dp = reductions.colsum(dp)
-  sum_dp_xc = reductions.colsum(dp * xc)
-  c0, c1 = input_gradient_terms(a, rs, sum_dp, sum_dp_xc, count, dstats)
-  dx = (a * dp + c0 + c1 * xc).astype(x.dtype).reshape(shape)
-  return dx, Affine((sum_dp_xc * rs).astype(affine.scale.dtype),
-                    sum_dp.astype(affine.bias.dtype))

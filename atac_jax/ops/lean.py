@@ -48,25 +48,28 @@ class Gram(NamedTuple):
   matrix: jax.Array
 
 
-class FoldedNorm(NamedTuple):
-  """A training-mode BatchNorm ``p = x * mul + shift`` used as the gate's input without writing p.
+class InputNorm(NamedTuple):
+  """A training-mode BatchNorm ``p = x * mul + shift`` whose output is the gate's input.
 
-  ``p @ W = x @ (mul W) + shift @ W`` and ``p^T d = mul (x^T d) + shift sum(d)``: the
-  normalisation folds into the down-projection and its weight gradient; element-wise uses
-  recompute ``p`` inside their fusions. With ``fold=False`` the normalised input is computed
-  once and used as is (what bfloat16 needs: the folded kernel lost precision there, bn_down
-  gradients 5% off float32 against 1% for the composed pair).
+  With ``fold``, ``p`` is never written: ``p @ W = x @ (mul W) + shift @ W``, and element-wise
+  uses recompute ``p`` inside their fusions. Without (what bfloat16 needs: the folded kernel
+  lost precision there, bn_down gradients 5% off float32 against 1% for the composed pair),
+  the projection reads ``p`` computed once. Either way the BatchNorm's backward joins the
+  gate's last pass (:meth:`backward`).
   """
   stats: Moments
   affine: Affine
   epsilon: float
   dtype: Any
+  fold: bool
 
   def apply(self, x):
     return batch_norm.normalize(x, self.stats, self.affine, epsilon=self.epsilon,
                                 dtype=self.dtype)
 
   def project(self, x, projection: Projection):
+    if not self.fold:
+      return _project(self.apply(x), projection, None)
     mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
     k32 = projection.kernel.astype(mul.dtype)
     bias = shift @ k32 + (0.0 if projection.bias is None else projection.bias.astype(mul.dtype))
@@ -88,34 +91,33 @@ class FoldedNorm(NamedTuple):
   def backward(self, x, dh, sum_dh, kernel, gate_dy, dstats: Optional[Moments]):
     """``(dx, p^T dh, daffine)`` for ``dp = dh kernel^T + gate_dy``, ``dp`` never written.
 
-    ``sum_dh`` is ``sum(dh)`` over the rows (float32).
-    ``dx`` is the BatchNorm's input gradient ``mul * dp + c0 + c1 * (x - mean)``: its two row
-    sums come from small products (``sum(dp) = kernel sum(dh) + sum(gate_dy)`` and
-    ``sum(dp (x - mean)) = rowsum(kernel * (x - mean)^T dh) + sum(gate_dy (x - mean))``), and
-    ``mul`` folds into the transposed kernel, so ``dx`` is one pass after the down-projection's
-    transpose instead of a write and a read of ``dp``. ``dstats`` are the cotangents of the
+    ``dx`` is the BatchNorm's input gradient ``mul * dp + c0 + c1 * xc`` (``xc = x - mean``):
+    its two row sums come from small products (``sum(dp) = kernel sum(dh) + sum(gate_dy)``,
+    ``sum(dp xc) = rowsum(kernel * xc^T dh) + sum(gate_dy xc)``) and ``mul`` folds into the
+    transposed kernel, so ``dx`` is one pass after the down-projection's transpose instead of a
+    write and two reads of ``dp``. ``p^T dh = mul xc^T dh + bias_bn sum(dh)`` is centred.
+    ``sum_dh`` is ``sum(dh)`` over the rows (float32); ``dstats`` the cotangents of the
     BatchNorm's batch moments (None where zero).
     """
     f32 = acc_dtype(self.dtype)
-    mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
+    mul, _ = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
     rs = lax.rsqrt(self.stats.var + self.epsilon)
     count = x.size // x.shape[-1]
     k32 = kernel.astype(f32)
-    x_dh = tdot(x.astype(self.dtype), dh)  # (C, K)
     xc = x.astype(f32) - self.stats.mean
+    xc_dh = tdot(xc.astype(self.dtype), dh)  # (C, K)
     sum_dp = k32 @ sum_dh + colsum(gate_dy)
-    xc_dh = x_dh - jnp.outer(self.stats.mean, sum_dh)
-    sum_dp_xc = jnp.sum(k32 * xc_dh, axis=1) + colsum(gate_dy * xc)
+    sum_dp_xc = jnp.sum(k32 * xc_dh, axis=1) + reductions.sum_product(gate_dy, xc)
     c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)
     dx = (pointwise(dh, (mul[:, None] * k32).T.astype(dh.dtype)).astype(f32)
           + mul * gate_dy + c0 + c1 * xc)
-    dkernel = mul[:, None] * x_dh + jnp.outer(shift, sum_dh)
+    dkernel = mul[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(f32), sum_dh)
     daffine = Affine((sum_dp_xc * rs).astype(self.affine.scale.dtype),
                      sum_dp.astype(self.affine.bias.dtype))
     return dx.astype(x.dtype), dkernel, daffine
 
 
-def _project(x, projection: Projection, norm: Optional[FoldedNorm]):
+def _project(x, projection: Projection, norm: Optional[InputNorm]):
   if norm is not None:
     return norm.project(x, projection)
   y = pointwise(x.astype(projection.kernel.dtype), projection.kernel)
@@ -130,13 +132,13 @@ class Intermediates(NamedTuple):
 
 
 def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: Config, *,
-            norm: Optional[FoldedNorm] = None, intermediates: bool = False):
+            norm: Optional[InputNorm] = None, intermediates: bool = False):
   """The gate: ``(y, batch GateStats or None, Gram or None)`` (or :class:`Intermediates`).
 
   Batch statistics are ``nn.BatchNorm``'s (mean and biased variance). The down BatchNorm's
   variance is centred (two passes over ``h``; with input offsets ``E[h^2] - E[h]^2`` cancels,
-  gradients 5x further from float64 than nn.BatchNorm's at an offset of 100); after a folded
-  BatchNorm its mean needs no pass (:meth:`FoldedNorm.projected_mean`), so the variance joins
+  gradients 5x further from float64 than nn.BatchNorm's at an offset of 100); after a fused
+  BatchNorm its mean needs no pass (:meth:`InputNorm.projected_mean`), so the variance joins
   the projection's pass. The up BatchNorm's moments come from the bottleneck's :class:`Gram`
   (``mean_u = mean_a Wu + bu``, ``var_u = diag(Wu^T cov_a Wu)``) instead of another pass over
   the ``C``-wide output. With ``norm``, ``x`` is a BatchNorm's input and the gate's input is
@@ -177,11 +179,11 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
 
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[Gram],
              dy: jax.Array, dstats: Optional[GateStats], cfg: Config, *, batch_stats: bool,
-             norm: Optional[FoldedNorm] = None, norm_dstats: Optional[Moments] = None):
+             norm: Optional[InputNorm] = None, norm_dstats: Optional[Moments] = None):
   """Cotangents ``(dx, dparams, dstats_in or None)``, recomputing the bottleneck from ``x``.
 
   With ``norm``: ``(dx, dparams, daffine)``, ``dx`` and ``daffine`` the BatchNorm's input and
-  affine gradients (:meth:`FoldedNorm.backward`).
+  affine gradients (:meth:`InputNorm.backward`).
 
   Args:
     x: the input (with ``norm``: the BatchNorm's input).
@@ -192,7 +194,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     dstats: cotangents of the returned batch moments (None, or None fields, where zero).
     cfg: static options.
     batch_stats: whether the forward pass normalised with batch moments (training).
-    norm: a :class:`FoldedNorm` (see :func:`forward`); training mode only.
+    norm: a :class:`InputNorm` (see :func:`forward`); training mode only.
     norm_dstats: with ``norm``, cotangents of its batch moments (None where zero).
 
   The BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
@@ -384,12 +386,6 @@ def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
 
 # ----- norm_gate(x, norm, params) -----
 
-def _gate_input(x, stats, affine, epsilon, dtype, fold):
-  """The gate's operand: ``(x, FoldedNorm)`` when folding, else ``(BN(x), None)``."""
-  norm = FoldedNorm(stats, affine, epsilon, dtype)
-  return (x, norm) if fold else (norm.apply(x), None)
-
-
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
   """Static options of :func:`norm_gate`."""
@@ -401,8 +397,8 @@ class NormConfig:
 
 def _norm_gate_run(cfg: NormConfig, x, norm_affine, params):
   moments = batch_norm.moments(x)
-  gate_x, folded = _gate_input(x, moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold)
-  y, batch, gram = forward(gate_x, params, None, cfg.gate, norm=folded)
+  norm = InputNorm(moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold)
+  y, batch, gram = forward(x, params, None, cfg.gate, norm=norm)
   return (y, moments, batch), gram
 
 
@@ -417,16 +413,9 @@ def _norm_gate_jvp(cfg, primals, tangents):
     (x, norm_affine, params), (moments, batch) = primals, stats
     dy, dmoments, dbatch = ct
     x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy)
-    gate_x, folded = _gate_input(x_tied, moments, norm_tied, cfg.norm_epsilon,
-                                 cfg.dtype, cfg.fold)
-    if folded is not None:  # the BatchNorm's backward joins the gate's last pass
-      dx, dparams, daffine = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
-                                      batch_stats=True, norm=folded, norm_dstats=dmoments)
-      return dx, daffine, dparams
-    dp, dparams, _ = backward(gate_x, params, batch, gram, dy, dbatch, cfg.gate,
-                              batch_stats=True)
-    dx, daffine = batch_norm.backward(x, norm_affine, moments, dp, dmoments,
-                                      epsilon=cfg.norm_epsilon)
+    norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold)
+    dx, dparams, daffine = backward(x_tied, params, batch, gram, dy, dbatch, cfg.gate,
+                                    batch_stats=True, norm=norm, norm_dstats=dmoments)
     return dx, daffine, dparams
   return _lean_jvp(functools.partial(_norm_gate_run, cfg), backward_fn, primals, tangents)
 

@@ -37,23 +37,35 @@ def _as_conv(a: jax.Array) -> bool:
   return a.ndim >= 3 and policy.choice("contraction") == "conv"
 
 
+def _promoted(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Both operands in their common dtype (what ``jnp.dot`` does; a convolution requires it)."""
+  dtype = jnp.result_type(a, b)
+  return a.astype(dtype), b.astype(dtype)
+
+
 def pointwise(x: jax.Array, kernel: jax.Array, *, preferred_element_type: Any = None
               ) -> jax.Array:
   """``x @ kernel`` on the channel axis of ``x (N, ..., C)`` with ``kernel (C, K)``.
 
-  Per :func:`atac_jax.ops.policy.choice` ``'contraction'``: a matrix product, or (an input of
-  rank 3 or more) a 1x1 convolution, which XLA:TPU lays out and fuses as the network's own
-  convolutions.
+  Accumulated in at least float32 and returned in ``preferred_element_type`` (default: the
+  operands' common dtype), as the MXU does; XLA:CPU would otherwise accumulate a bfloat16
+  convolution in bfloat16. Per :func:`atac_jax.ops.policy.choice` ``'contraction'``: a matrix
+  product, or (an input of rank 3 or more) a 1x1 convolution, which XLA:TPU lays out and fuses
+  as the network's own convolutions.
   """
+  x, kernel = _promoted(x, kernel)
+  out_dtype = preferred_element_type or x.dtype
+  acc = jnp.promote_types(acc_dtype(x.dtype), out_dtype)
   if not _as_conv(x):
-    return jnp.dot(x, kernel, preferred_element_type=preferred_element_type)
+    return jnp.dot(x, kernel, preferred_element_type=acc).astype(out_dtype)
   r = x.ndim
   spatial = tuple(range(1, r - 1))
   numbers = lax.ConvDimensionNumbers((0, r - 1, *spatial), (r - 1, r - 2, *range(r - 2)),
                                      (0, r - 1, *spatial))
-  return lax.conv_general_dilated(x, kernel.reshape((1,) * (r - 2) + kernel.shape),
-                                  (1,) * (r - 2), "VALID", dimension_numbers=numbers,
-                                  preferred_element_type=preferred_element_type)
+  out = lax.conv_general_dilated(x, kernel.reshape((1,) * (r - 2) + kernel.shape),
+                                 (1,) * (r - 2), "VALID", dimension_numbers=numbers,
+                                 preferred_element_type=acc)
+  return out.astype(out_dtype)
 
 
 def tdot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -66,6 +78,7 @@ def tdot(a: jax.Array, b: jax.Array) -> jax.Array:
   if not _as_conv(a):
     return lax.dot_general(rows(a), rows(b), (((0,), (0,)), ((), ())),
                            preferred_element_type=acc)
+  a, b = _promoted(a, b)
   r = a.ndim
   spatial = tuple(range(1, r - 1))
   # Batch <- a's channels, features <- the batch axis, window <- the whole spatial extent.
