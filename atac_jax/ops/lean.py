@@ -95,7 +95,7 @@ class InputNorm(NamedTuple):
     its two row sums come from small products (``sum(dp) = kernel sum(dh) + sum(gate_dy)``,
     ``sum(dp xc) = rowsum(kernel * xc^T dh) + sum(gate_dy xc)``) and ``mul`` folds into the
     transposed kernel, so ``dx`` is one pass after the down-projection's transpose instead of a
-    write and two reads of ``dp``. ``p^T dh = mul xc^T dh + bias_bn sum(dh)`` is centred.
+    write and two reads of ``dp``. ``p^T dh = mul xc^T dh + bias_bn sum(dh)``.
     ``sum_dh`` is ``sum(dh)`` over the rows (float32); ``dstats`` the cotangents of the
     BatchNorm's batch moments (None where zero).
     """
@@ -105,7 +105,9 @@ class InputNorm(NamedTuple):
     count = x.size // x.shape[-1]
     k32 = kernel.astype(f32)
     xc = x.astype(f32) - self.stats.mean
-    xc_dh = tdot(xc.astype(self.dtype), dh)  # (C, K)
+    # x is already in the compute dtype and sum(dh) vanishes to rounding, so the uncentred
+    # product loses nothing; centring x first cost XLA:CPU an activation-sized write (3-5%).
+    xc_dh = tdot(x.astype(self.dtype), dh) - jnp.outer(self.stats.mean, sum_dh)  # (C, K)
     sum_dp = k32 @ sum_dh + colsum(gate_dy)
     sum_dp_xc = jnp.sum(k32 * xc_dh, axis=1) + reductions.sum_product(gate_dy, xc)
     c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)

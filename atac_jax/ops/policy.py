@@ -14,13 +14,18 @@ forward and backward (ReLU: 273 MB accessed, 55 MiB peak):
     ``(128, 32, 32, 16)`` activation on the 2-core dev machine (jaxlib 0.10.2) against 0.55 ms for
     ``ones @ x``. Each product with 1 is exact.
   * others: ``jnp.sum``, the plain reduction (TPU chain: the same bytes and peak either way).
+  The same choice writes ``sum(a * b)`` per channel (``reductions.sum_product``): on XLA:CPU the
+  diagonal of a small ``a^T b``, elsewhere a reduction XLA fuses into a neighbouring pass (with
+  ``sum(dh)`` taken from per-channel sums, ResNet-20 on v5e:2x2 went from 3.25 to 3.15 GB).
 
 ``contraction`` -- how the products over the channel axis (the two projections, their
   transposes, and the ``a^T b`` sums over rows) are written, for inputs of rank 3 or more.
   * ``tpu``: as 1x1 convolutions (and their weight gradients). XLA:TPU then lays the bottleneck
     out and fuses around it as around the network's own convolutions instead of relaying it out
     for a matrix product. Whole ResNet-20 step on v5e:2x2 (batch 128, float32), per chip:
-    3.54 GB accessed and 91.5 MiB peak, against 3.92 GB and 119.5 MiB as matrix products.
+    3.54 GB accessed and 91.5 MiB peak, against 3.92 GB and 119.5 MiB as matrix products. With
+    convolutions the bottleneck's Gram matrix takes a column of ones for its column sums
+    (``reductions.gram``; part of 3.15 -> 3.10 GB).
   * others: matrix products (``jnp.dot``); CPU and GPU not measured with convolutions.
 
 ``fold_norm`` -- whether a fused BatchNorm folds into the down-projection's kernel (float32 only).
