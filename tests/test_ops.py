@@ -169,7 +169,7 @@ def test_resolve_impl_and_policy():
   with ops.policy.lowering_platform("tpu"):
     assert ops.policy.platform() == "tpu"
     assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("tie") == "barrier"
-    assert ops.policy.choice("contraction") == "conv"
+    assert ops.policy.choice("contraction") == "conv" and ops.policy.choice("materialize_dz")
   assert ops.policy.platform() == jax.default_backend()
   with pytest.raises(ValueError, match="accepted"):
     with ops.policy.lowering_platform("npu"):
@@ -223,3 +223,16 @@ def test_contraction_forms_match_numpy(shape, platform):
   np.testing.assert_allclose(total, rows_x.sum(0), rtol=1e-12)
   np.testing.assert_allclose(square, rows_x.T @ rows_x, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(products, (rows_x * (2 * rows_x + 1)).sum(0), rtol=1e-12)
+
+@pytest.mark.parametrize("width", [C, 128])  # 128: whole lane tiles, concatenated under tpu
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_pointwise_sum_matches_numpy(width, platform):
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 4, width), jnp.float64)
+  b = jax.random.normal(jax.random.PRNGKey(6), (2, 3, 4, 2 * width), jnp.float64)
+  kx = jax.random.normal(jax.random.PRNGKey(7), (width, K), jnp.float64)
+  kb = jax.random.normal(jax.random.PRNGKey(8), (2 * width, K), jnp.float64)
+  with ops.policy.lowering_platform(platform):
+    both = ops.reductions.pointwise_sum((x, kx), (b, kb))
+  expected = (np.asarray(x).reshape(-1, width) @ np.asarray(kx)
+              + np.asarray(b).reshape(-1, 2 * width) @ np.asarray(kb))
+  np.testing.assert_allclose(np.asarray(both).reshape(-1, K), expected, rtol=1e-11, atol=1e-11)

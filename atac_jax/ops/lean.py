@@ -226,6 +226,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   a2 = rs2 * g2
   shift_u = -m2 if bu is None else bu32 - m2  # uc = u - m2 = a @ Wu + shift_u
   sum_dz = colsum(dz)
+  if dtype != f32 and policy.choice("materialize_dz"):
+    # Written once in the compute dtype (what the MXU reads anyway) for the two products.
+    dz = lax.optimization_barrier(dz.astype(dtype))
   g_adz = tdot(a, dz)  # (K, C): a^T dz
   sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
   dg2, db2 = sum_dz_uc * rs2, sum_dz
@@ -235,7 +238,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     dku = a2 * g_adz + jnp.outer(gram.total, c0) + c1 * a_uc
     sum_uc = gram.total @ ku32 + count * shift_u
     dbu = None if bu is None else a2 * sum_dz + count * c0 + c1 * sum_uc
-    da = (pointwise(dz, (a2 * ku32).T) + pointwise(a.astype(f32), (ku32 * c1) @ ku32.T)
+    da = (reductions.pointwise_sum((dz, (a2 * ku32).T), (a, (ku32 * c1) @ ku32.T))
           + (c0 + c1 * shift_u) @ ku32.T)
     dup_in = None
   else:  # du = a2 * dz

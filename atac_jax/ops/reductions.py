@@ -68,6 +68,24 @@ def pointwise(x: jax.Array, kernel: jax.Array, *, preferred_element_type: Any = 
   return out.astype(out_dtype)
 
 
+def pointwise_sum(*pairs: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """``sum(x_i @ kernel_i)`` (each as :func:`pointwise`; ``x_i`` alike but for channels).
+
+  Per policy ``'contraction'``: separate products, or (convolutions, every operand a whole
+  number of 128-lane tiles wide) one convolution over the operands concatenated along the
+  channel axis, so no partial sum is written between them. v5e:2x2, per chip: ResNet-50
+  (``act_layers=2``, bf16, batch 256; widths 128-2048) 38.46 -> 38.28 GB accessed; on
+  ResNet-20 (widths 8-64) the concatenation saved 8 MB a unit where the channels lie on
+  sublanes but cost 22 MB where they lie on lanes (3.10 -> 3.15 GB), hence the condition.
+  """
+  xs, kernels = zip(*pairs)
+  if not _as_conv(xs[0]) or any(x.shape[-1] % 128 for x in xs):
+    return sum(pointwise(x, k) for x, k in pairs)
+  dtype = jnp.result_type(*xs)
+  return pointwise(jnp.concatenate([x.astype(dtype) for x in xs], axis=-1),
+                   jnp.concatenate(kernels, axis=0))
+
+
 def tdot(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a^T b`` over all but the channel axis, accumulated and returned in at least float32.
 
