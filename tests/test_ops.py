@@ -162,8 +162,13 @@ def test_resolve_impl_and_policy():
   assert ops.resolve_impl("auto", train=True) == ops.policy.choice("gate_impl") == "lean"
   assert ops.resolve_impl("auto", train=False) == "reference"
   assert ops.resolve_impl("auto", train=True, axis_name="d") == "reference"
-  with pytest.raises(ValueError, match=r"accepted: \['auto', 'lean', 'reference'\]"):
+  with pytest.raises(ValueError, match=r"accepted: \['auto', 'lean', 'pallas', 'reference'\]"):
     ops.resolve_impl("fast", train=True)
+  assert ops.resolve_impl("pallas", train=True) == "pallas"
+  assert ops.resolve_impl("pallas", train=False) == "reference"  # nothing kept in inference
+  assert ops.module_impl(memory_lean=True, backward_kernel="auto") == "auto"  # policy: xla
+  assert ops.module_impl(memory_lean=True, backward_kernel="pallas") == "pallas"
+  assert ops.module_impl(memory_lean=False, backward_kernel="pallas") == "reference"
   with pytest.raises(ValueError, match="axis_name"):
     ops.resolve_impl("lean", train=True, axis_name="d")
   with ops.policy.lowering_platform("tpu"):

@@ -15,6 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from atac_jax import checkpoint as checkpoint_lib
+from atac_jax import ops
 from atac_jax import workdir as workdir_lib
 from atac_train import (checkpointing, data, interrupts, metrics, optim, parallel, resume, rundir,
                         steps, validation)
@@ -96,9 +97,20 @@ def compile_steps(config: ml_collections.ConfigDict, s: Setup):
       steps.train_step, base_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
       num_classes=s.info.num_classes, learning_rate_fn=s.learning_rate_fn,
       label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha)
-  train_step = jax.jit(train_fn, in_shardings=(s.state_sharding, s.batch_sharding),
+  train_step = jax.jit(_data_parallel(train_fn, s.mesh),
+                       in_shardings=(s.state_sharding, s.batch_sharding),
                        out_shardings=(s.state_sharding, replicated), donate_argnums=0)
   return train_step, compile_eval_step(s)
+
+
+def _data_parallel(fn, mesh):
+  """``fn`` traced under ``ops.pallas_backward.data_parallel`` for the batch's mesh axis (the
+  Pallas backward then runs per device on its shard of the batch)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with ops.pallas_backward.data_parallel(mesh, (parallel.DATA_AXIS,)):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def compile_eval_step(s: Setup):

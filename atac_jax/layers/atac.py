@@ -62,6 +62,10 @@ class ATAC(nn.Module):
     memory_lean: in training, run the memory-lean op (recomputes the bottleneck in the backward
       pass; same variables, values and gradients, less memory and time; every transformation).
       ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
+    backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"xla"``
+      today), ``"xla"``, or ``"pallas"``: the training backward pass of a float32 unit as two
+      Pallas kernels where they apply (``atac_jax.ops.pallas_backward``; Mosaic on TPU,
+      Pallas' interpreter on the CPU, the XLA backward on GPU).
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); the reference op runs.
     train: training mode (batch statistics, ``batch_stats`` updates); flax's convention: the
@@ -76,6 +80,7 @@ class ATAC(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   memory_lean: bool = True
+  backward_kernel: str = "auto"
   axis_name: Any = None
   train: Optional[bool] = None
 
@@ -144,7 +149,7 @@ class ATAC(nn.Module):
     return train and self.memory_lean and not self.use_global and self.axis_name is None
 
   def _impl(self) -> str:
-    return "auto" if self.memory_lean else "reference"
+    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel)
 
   def _variables(self, channels: int, hidden: int, dtype: Any):
     """Declares the variables (same tree as linen ``Conv``/``BatchNorm`` submodules)."""

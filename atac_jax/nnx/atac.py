@@ -42,6 +42,9 @@ class ATAC(nnx.Module):
     param_dtype: parameter dtype.
     memory_lean: in training, run the memory-lean op; False runs the
       reference op.
+    backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy), ``"xla"`` or
+      ``"pallas"`` (the training backward pass as two Pallas kernels where they apply; see
+      ``atac_jax.ops.pallas_backward`` and ``atac_jax.layers.ATAC``).
     axis_name: ``shard_map``/``pmap`` axis over which batch statistics are global.
     use_running_average: initial mode (False: training, as ``nnx.BatchNorm``).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
@@ -53,8 +56,9 @@ class ATAC(nnx.Module):
   def __init__(self, in_features: int, *, reduction: int = 2, use_global: bool = False,
                inner_relu: bool = True, use_bias: bool = False, momentum: float = 0.9,
                epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
-               memory_lean: bool = True, axis_name: Any = None,
-               use_running_average: Optional[bool] = False, rngs: nnx.Rngs):
+               memory_lean: bool = True, backward_kernel: str = "auto",
+               axis_name: Any = None, use_running_average: Optional[bool] = False,
+               rngs: nnx.Rngs):
     _checks.check_positive_int(in_features, option="in_features", layer="ATAC")
     _checks.check_momentum(momentum, layer="ATAC")
     _checks.check_positive(epsilon, option="epsilon", layer="ATAC")
@@ -69,6 +73,8 @@ class ATAC(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.memory_lean = memory_lean
+    self.backward_kernel = backward_kernel
+    ops.module_impl(memory_lean=memory_lean, backward_kernel=backward_kernel)  # validates
     self.axis_name = axis_name
     self.use_running_average = use_running_average
     self.conv_down = Pointwise(in_features, hidden, use_bias=use_bias, param_dtype=param_dtype,
@@ -148,4 +154,4 @@ class ATAC(nnx.Module):
       self.use_running_average = use_running_average
 
   def _impl(self) -> str:
-    return "auto" if self.memory_lean else "reference"
+    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel)

@@ -8,11 +8,11 @@ The Flax modules (:mod:`atac_jax.layers`, :mod:`atac_jax.nnx`) declare variables
 Backend-specific choices live in :mod:`atac_jax.ops.policy`.
 """
 
-from atac_jax.ops import batch_norm, lean, policy, reference
-from atac_jax.ops.gate import IMPLS, gate, norm_gate, resolve_impl
+from atac_jax.ops import batch_norm, lean, pallas_backward, policy, reference
+from atac_jax.ops.gate import IMPLS, gate, module_impl, norm_gate, resolve_impl
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
 
 __all__ = [
     "Affine", "GateParams", "GateStats", "IMPLS", "Moments", "Projection", "batch_norm", "gate",
-    "lean", "norm_gate", "policy", "reference", "resolve_impl",
+    "lean", "module_impl", "norm_gate", "pallas_backward", "policy", "reference", "resolve_impl",
 ]

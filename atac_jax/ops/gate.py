@@ -7,6 +7,11 @@ Implementations (``impl``):
 * ``"lean"`` -- one op that recomputes the bottleneck in the backward pass
   (:mod:`atac_jax.ops.lean`); every mode too (a custom JVP whose tangent is a linear map with
   the lean backward as its transpose); same values, gradients and statistics.
+* ``"pallas"`` -- ``"lean"`` with its training backward pass as two Pallas kernels
+  (:mod:`atac_jax.ops.pallas_backward`: two passes over the input instead of XLA's ~17 on TPU)
+  where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8; else
+  the XLA backward). Compiled by Mosaic on TPU, run in Pallas' interpreter elsewhere (slow:
+  for tests). One device only: under ``shard_map``/SPMD use ``"lean"``.
 * ``"auto"`` -- the per-backend default of :mod:`atac_jax.ops.policy` (``"lean"`` on every
   backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics).
 
@@ -23,25 +28,47 @@ import jax
 from atac_jax.ops import lean, policy, reference
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments
 
-IMPLS = ("auto", "lean", "reference")
+IMPLS = ("auto", "lean", "pallas", "reference")
 
 
 def resolve_impl(impl: str, *, train: bool, axis_name: Any = None) -> str:
-  """The implementation ``impl`` stands for: 'lean' or 'reference'.
+  """The implementation ``impl`` stands for: 'lean', 'pallas' or 'reference'.
 
   Raises:
-    ValueError: for an unknown ``impl``, or ``'lean'`` with an ``axis_name``.
+    ValueError: for an unknown ``impl``, or ``'lean'``/``'pallas'`` with an ``axis_name``.
   """
   if impl not in IMPLS:
     raise ValueError(f"Unknown gate impl {impl!r}; accepted: {list(IMPLS)}.")
-  if impl == "lean" and axis_name is not None:
-    raise ValueError("impl='lean' computes batch statistics on one device; with axis_name="
+  if impl in ("lean", "pallas") and axis_name is not None:
+    raise ValueError(f"impl={impl!r} computes batch statistics on one device; with axis_name="
                      f"{axis_name!r} use impl='reference' or 'auto'.")
+  if impl == "pallas" and not train:
+    return "reference"  # nothing is kept for a backward pass in inference
   if impl != "auto":
     return impl
   if axis_name is not None or not train:
     return "reference"
   return policy.choice("gate_impl")
+
+
+def module_impl(*, memory_lean: bool, backward_kernel: str, layer: str = "ATAC") -> str:
+  """The ``impl`` a Flax module's ``memory_lean`` and ``backward_kernel`` options stand for.
+
+  ``backward_kernel``: ``"auto"`` (:func:`atac_jax.ops.policy.choice` ``'backward_kernel'``),
+  ``"xla"`` or ``"pallas"``.
+
+  Raises:
+    ValueError: for an unknown ``backward_kernel``.
+  """
+  accepted = ("auto",) + lean.KERNELS
+  if backward_kernel not in accepted:
+    raise ValueError(f"{layer}: unknown backward_kernel {backward_kernel!r}; accepted: "
+                     f"{list(accepted)}.")
+  if not memory_lean:
+    return "reference"
+  if backward_kernel == "auto":
+    backward_kernel = policy.choice("backward_kernel")
+  return "pallas" if backward_kernel == "pallas" else "auto"
 
 
 def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
@@ -54,15 +81,16 @@ def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
     stats: running statistics (inference), or None for batch statistics (training).
     epsilon: BatchNorm epsilon.
     inner_relu: ReLU between the projections.
-    impl: 'auto', 'lean' or 'reference' (see the module docstring).
+    impl: 'auto', 'lean', 'pallas' or 'reference' (see the module docstring).
     axis_name: ``shard_map``/``pmap`` axis over which batch statistics are global.
 
   Returns:
     With ``stats``: ``y``. Without: ``(y, GateStats)``, the batch moments (float32).
   """
   chosen = resolve_impl(impl, train=stats is None, axis_name=axis_name)
-  if chosen == "lean":
-    return lean.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu)
+  if chosen in ("lean", "pallas"):
+    return lean.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
+                     kernel="pallas" if chosen == "pallas" else "xla")
   return reference.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
                         axis_name=axis_name)
 
@@ -76,7 +104,9 @@ def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: f
     ``(y, moments of x, gate batch moments)``.
   """
   chosen = resolve_impl(impl, train=True, axis_name=axis_name)
-  fn = lean.norm_gate if chosen == "lean" else reference.norm_gate
-  kwargs = {} if chosen == "lean" else {"axis_name": axis_name}
+  if chosen == "reference":
+    fn, kwargs = reference.norm_gate, {"axis_name": axis_name}
+  else:
+    fn, kwargs = lean.norm_gate, {"kernel": "pallas" if chosen == "pallas" else "xla"}
   return fn(x, norm, params, norm_epsilon=norm_epsilon, epsilon=epsilon, inner_relu=inner_relu,
             dtype=dtype, **kwargs)

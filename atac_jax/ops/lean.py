@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from atac_jax.ops import batch_norm, policy, reductions
+from atac_jax.ops import batch_norm, pallas_backward, policy, reductions
 from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
@@ -37,9 +37,17 @@ from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projectio
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Static options of the gate (hashable: a ``nondiff_argnums`` argument)."""
+  """Static options of the gate (hashable: a ``nondiff_argnums`` argument).
+
+  ``kernel``: ``"xla"``, or ``"pallas"`` for the training backward pass as the two kernels of
+  :mod:`atac_jax.ops.pallas_backward` where they apply (TPU: Mosaic; CPU: Pallas' interpreter,
+  for tests; GPU and other inputs: the XLA backward); ``parallel``
+  the batch's mesh axes declared when the op was traced (``pallas_backward.data_parallel``).
+  """
   epsilon: float
   inner_relu: bool
+  kernel: str = "xla"
+  parallel: Optional[pallas_backward.DataParallel] = None
 
 
 class Gram(NamedTuple):
@@ -294,6 +302,20 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   return dx, dparams, dstats_in
 
 
+def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, norm=None,
+                    norm_dstats=None):
+  """:func:`backward` with batch statistics, through the Pallas kernels where chosen and apt."""
+  if (cfg.kernel == "pallas" and policy.platform() != "gpu" and (norm is None or norm.fold)
+      and pallas_backward.supported(x, params, inner_relu=cfg.inner_relu,
+                                    parallel=cfg.parallel) is None):
+    return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
+                                    norm=norm, norm_dstats=norm_dstats,
+                                    interpret=policy.platform() != "tpu",
+                                    parallel=cfg.parallel)
+  kwargs = {} if norm is None else {"norm": norm, "norm_dstats": norm_dstats}
+  return backward(x, params, stats, gram, dy, dstats, cfg, batch_stats=True, **kwargs)
+
+
 def _tie(x, small, dy):
   """``(x, small)``, made to depend on the cotangent ``dy`` so the recomputation runs late.
 
@@ -331,6 +353,16 @@ def _lean_jvp(run, backward_fn, primals, tangents):
   return out, linear_map(tangent_map, cotangent_map, residuals, tuple(tangents))
 
 
+KERNELS = ("xla", "pallas")
+
+
+def _config(epsilon: float, inner_relu: bool, kernel: str) -> Config:
+  if kernel not in KERNELS:
+    raise ValueError(f"Unknown backward kernel {kernel!r}; accepted: {list(KERNELS)}.")
+  parallel = pallas_backward.current_data_parallel() if kernel == "pallas" else None
+  return Config(float(epsilon), bool(inner_relu), kernel, parallel)
+
+
 # ----- gate(x, params, stats=None) -----
 
 def _train_gate_run(cfg, x, params):
@@ -349,8 +381,7 @@ def _train_gate_jvp(cfg, primals, tangents):
     (x, params), (batch,) = primals, stats
     dy, dstats = ct
     x, params = _tie(x, params, dy)
-    dx, dparams, _ = backward(x, params, batch, gram, dy, dstats, cfg,
-                              batch_stats=True)
+    dx, dparams, _ = _train_backward(x, params, batch, gram, dy, dstats, cfg)
     return dx, dparams
   return _lean_jvp(functools.partial(_train_gate_run, cfg), backward_fn, primals, tangents)
 
@@ -377,13 +408,15 @@ def _eval_gate_jvp(cfg, primals, tangents):
 
 
 def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
-         epsilon: float, inner_relu: bool):
+         epsilon: float, inner_relu: bool, kernel: str = "xla"):
   """The gate with the lean backward; same signature and results as ``reference.gate``.
+
+  ``kernel``: see :class:`Config`.
 
   Returns:
     With ``stats``: ``y``. Without: ``(y, GateStats)``, the float32 batch moments.
   """
-  cfg = Config(float(epsilon), bool(inner_relu))
+  cfg = _config(epsilon, inner_relu, kernel)
   if stats is None:
     return _train_gate(cfg, x, params)
   return _eval_gate(cfg, x, params, stats)
@@ -419,21 +452,22 @@ def _norm_gate_jvp(cfg, primals, tangents):
     dy, dmoments, dbatch = ct
     x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy)
     norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold)
-    dx, dparams, daffine = backward(x_tied, params, batch, gram, dy, dbatch, cfg.gate,
-                                    batch_stats=True, norm=norm, norm_dstats=dmoments)
+    dx, dparams, daffine = _train_backward(x_tied, params, batch, gram, dy, dbatch, cfg.gate,
+                                           norm=norm, norm_dstats=dmoments)
     return dx, daffine, dparams
   return _lean_jvp(functools.partial(_norm_gate_run, cfg), backward_fn, primals, tangents)
 
 
 def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
-              epsilon: float, inner_relu: bool, dtype: Any
+              epsilon: float, inner_relu: bool, dtype: Any, kernel: str = "xla"
               ) -> tuple[jax.Array, Moments, GateStats]:
   """``gate(BN(x))`` in training mode as one op whose backward pass keeps only ``x``.
 
   Same signature and results as ``reference.norm_gate``. Whether the BatchNorm folds into the
   down-projection follows :func:`atac_jax.ops.policy.choice` ``'fold_norm'``, in float32 only.
+  ``kernel``: see :class:`Config` (the Pallas kernels take the folded form only).
   """
   fold = bool(policy.choice("fold_norm")) and jnp.dtype(dtype).itemsize >= 4
-  cfg = NormConfig(Config(float(epsilon), bool(inner_relu)), float(norm_epsilon),
+  cfg = NormConfig(_config(epsilon, inner_relu, kernel), float(norm_epsilon),
                    jnp.dtype(dtype), fold)
   return _norm_gate(cfg, x, norm, params)
