@@ -13,19 +13,22 @@ XLA:TPU. These kernels recompute the whole gate per tile in on-chip memory and n
    ``sum(xc_c a_j mask_k)`` (``C x K x K``, a matrix product on the MXU).
 2. **dx** (reads ``x`` and ``dy``, writes ``dx``): the input gradient from those constants.
 
-Layout: the kernels take the input as ``(spatial..., C, N)`` flattened to rows ``(P C, N)``,
-the batch on the 128 lanes and the channels on sublanes. That is the layout XLA:TPU gives a
-small-channel activation of a convolutional network (ResNet-20's first stage,
-``f32[32,32,32,16]{0,3,2,1}``), so the transposes around the kernels are bitcasts: a probe of
-four 3x3 convolutions with an element-wise Pallas op between them on v5e compiled without
-copies in this layout, and with a relayout copy on each side in the channels-last one. A tile is
-``S`` positions of ``C`` channels (``S C = 128``); the channel products are block-diagonal
-``kron(I_S, W)`` matrices, one MXU tile each.
+Layout: each kernel takes its operands in the layout XLA:TPU gives the activation of each
+device, so the transposes around it are bitcasts (:class:`Tiling`): batch-minor ``(P C, N)``
+(the batch on the lanes: ResNet-20's 16-channel stage, ``f32[32,32,32,16]{0,3,2,1}`` at 32 images
+a chip), tiles of ``S`` positions of ``C`` channels whose channel products are block-diagonal
+``kron(I_S, W)`` MXU tiles; or channels-minor ``(P, N, C)``, tiles transposed in the kernel. A
+probe of four 3x3 convolutions with an element-wise Pallas op between them on v5e compiled
+without copies in the matching layout and with a relayout copy on each side in the other. The
+ResNet-20 step on one v5e chip (32 images, float32) accesses 3.06 GB with the XLA backward,
+2.74 GB with these kernels batch-minor everywhere, 2.19 GB in each activation's own layout, and
+2.10 GB with the cross products per tile position instead of block-diagonal.
 
 Same values as :func:`atac_jax.ops.lean.backward` with batch statistics (training), float32,
-``inner_relu``, rank >= 3; checked against it in interpret mode on the CPU
-(``tests/test_pallas_backward.py``). One device: the sums are per call (under SPMD the
-caller's ``shard_map`` must ``psum`` them; not wired yet).
+``inner_relu``, rank >= 3; checked against it and plain autodiff in Pallas' interpreter on the
+CPU (``tests/test_pallas_backward.py``). Under a data-parallel step the caller declares the
+batch's mesh axes (:func:`data_parallel`) and the kernels run per device under ``shard_map``,
+their sums ``psum``-ed.
 """
 
 from __future__ import annotations
