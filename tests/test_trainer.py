@@ -150,3 +150,32 @@ def test_arelu_scalars_reports_only_arelu_units():
       "arelu/act1/alpha": pytest.approx(0.9), "arelu/act1/beta": pytest.approx(2.0),
       "arelu/act2/alpha": pytest.approx(0.3), "arelu/act2/beta": pytest.approx(-1.0)}
   assert trainer.arelu_scalars({}) == {}
+
+
+def test_pallas_backward_step_matches_xla_on_four_devices(monkeypatch):
+  """The CLI's step with ``backward_kernel='pallas'`` (kernels per device under the trainer's
+  ``data_parallel``; Pallas' interpreter here) trains like the XLA backward."""
+  from atac_jax.ops import pallas_backward  # pylint: disable=g-import-not-at-top
+  calls = []
+  original = pallas_backward.backward
+
+  def counted(*args, parallel=None, **kwargs):
+    calls.append(parallel)
+    return original(*args, parallel=parallel, **kwargs)
+
+  monkeypatch.setattr(pallas_backward, "backward", counted)
+  runs = []
+  for options in ({}, {"backward_kernel": "pallas"}):
+    config = _small_config()
+    config.model.options.act_options = options
+    runs.append(_run_steps(config, jax.devices()[:4], 2))
+    if options:  # every ATAC unit of ResNet-8, per device over the trainer's data axis
+      assert len(calls) >= 7 and all(p is not None and p.axes == (parallel.DATA_AXIS,)
+                                     for p in calls)
+    else:
+      assert not calls
+  (losses_xla, state_xla), (losses_pallas, state_pallas) = runs
+  np.testing.assert_allclose(losses_pallas, losses_xla, rtol=1e-5)
+  chex.assert_trees_all_close(state_pallas.params, state_xla.params, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(state_pallas.batch_stats, state_xla.batch_stats, rtol=1e-4,
+                              atol=1e-5)
