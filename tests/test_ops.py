@@ -169,6 +169,9 @@ def test_resolve_impl_and_policy():
   assert ops.module_impl(memory_lean=True, backward_kernel="auto") == "auto"  # policy: xla
   assert ops.module_impl(memory_lean=True, backward_kernel="pallas") == "pallas"
   assert ops.module_impl(memory_lean=False, backward_kernel="pallas") == "reference"
+  # cross-device statistics: the kernels do not apply; the reference op runs (no error)
+  assert ops.module_impl(memory_lean=True, backward_kernel="pallas", axis_name="b") == "auto"
+  assert ops.resolve_impl("auto", train=True, axis_name="b") == "reference"
   with pytest.raises(ValueError, match="axis_name"):
     ops.resolve_impl("lean", train=True, axis_name="d")
   with ops.policy.lowering_platform("tpu"):

@@ -135,6 +135,9 @@ def test_supported_reasons():
                                                     inner_relu=True)  # 3 positions, S = 8
   assert "multiple of 8" in pallas_backward.supported(jnp.zeros((4, 1, 1, 16)), params,
                                                       inner_relu=True)  # channels-minor
+  wide = _params(jax.random.PRNGKey(0), 512, 256, bias=False)  # (K^2, lanes) products: too big
+  assert "on-chip memory" in pallas_backward.supported(jnp.zeros((8, 2, 2, 512)), wide,
+                                                       inner_relu=True)
   odd = _params(jax.random.PRNGKey(0), 12, 6, bias=False)
   assert "multiples of 8" in pallas_backward.supported(jnp.zeros((2, 4, 4, 12)), odd,
                                                        inner_relu=True)
@@ -163,7 +166,7 @@ def test_bad_kernel_names_are_rejected():
 
 @pytest.mark.parametrize("shape", [(32, 2, 4, 16), (8, 3, 4, 16), (16, 2, 2, 4, 8)])
 def test_rows_round_trip(shape):
-  """Rows ``(P C, N)`` (batch-minor) or ``(P N, C)`` and back are inverse permutations."""
+  """Rows ``(P C, N)`` (batch-minor) or ``(P, N, C)`` and back are inverse permutations."""
   x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
   t = pallas_backward.tiling(shape)
   assert t.batch_minor == (shape[0] > shape[-1])

@@ -149,7 +149,8 @@ class ATAC(nn.Module):
     return train and self.memory_lean and not self.use_global and self.axis_name is None
 
   def _impl(self) -> str:
-    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel)
+    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel,
+                           axis_name=self.axis_name)
 
   def _variables(self, channels: int, hidden: int, dtype: Any):
     """Declares the variables (same tree as linen ``Conv``/``BatchNorm`` submodules)."""

@@ -154,4 +154,5 @@ class ATAC(nnx.Module):
       self.use_running_average = use_running_average
 
   def _impl(self) -> str:
-    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel)
+    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel,
+                           axis_name=self.axis_name)

@@ -9,9 +9,10 @@ Implementations (``impl``):
   the lean backward as its transpose); same values, gradients and statistics.
 * ``"pallas"`` -- ``"lean"`` with its training backward pass as two Pallas kernels
   (:mod:`atac_jax.ops.pallas_backward`: two passes over the input instead of XLA's ~17 on TPU)
-  where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8; else
-  the XLA backward). Compiled by Mosaic on TPU, run in Pallas' interpreter elsewhere (slow:
-  for tests). One device only: under ``shard_map``/SPMD use ``"lean"``.
+  where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8, a tile
+  within the on-chip memory budget; else the XLA backward). Compiled by Mosaic on TPU, run in
+  Pallas' interpreter on the CPU (slow: for tests), the XLA backward on GPU. A step whose batch
+  XLA splits over devices declares it (``pallas_backward.data_parallel``); no ``axis_name``.
 * ``"auto"`` -- the per-backend default of :mod:`atac_jax.ops.policy` (``"lean"`` on every
   backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics).
 
@@ -51,11 +52,13 @@ def resolve_impl(impl: str, *, train: bool, axis_name: Any = None) -> str:
   return policy.choice("gate_impl")
 
 
-def module_impl(*, memory_lean: bool, backward_kernel: str, layer: str = "ATAC") -> str:
+def module_impl(*, memory_lean: bool, backward_kernel: str, axis_name: Any = None,
+                layer: str = "ATAC") -> str:
   """The ``impl`` a Flax module's ``memory_lean`` and ``backward_kernel`` options stand for.
 
   ``backward_kernel``: ``"auto"`` (:func:`atac_jax.ops.policy.choice` ``'backward_kernel'``),
-  ``"xla"`` or ``"pallas"``.
+  ``"xla"`` or ``"pallas"``. With an ``axis_name`` (cross-device statistics) the kernels do not
+  apply and the choice is ``"auto"`` (the reference op).
 
   Raises:
     ValueError: for an unknown ``backward_kernel``.
@@ -66,6 +69,8 @@ def module_impl(*, memory_lean: bool, backward_kernel: str, layer: str = "ATAC")
                      f"{list(accepted)}.")
   if not memory_lean:
     return "reference"
+  if axis_name is not None:
+    return "auto"
   if backward_kernel == "auto":
     backward_kernel = policy.choice("backward_kernel")
   return "pallas" if backward_kernel == "pallas" else "auto"

@@ -305,7 +305,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
 def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, norm=None,
                     norm_dstats=None):
   """:func:`backward` with batch statistics, through the Pallas kernels where chosen and apt."""
-  if (cfg.kernel == "pallas" and policy.platform() != "gpu" and (norm is None or norm.fold)
+  if (cfg.kernel == "pallas" and policy.platform() != "gpu"
       and pallas_backward.supported(x, params, inner_relu=cfg.inner_relu,
                                     parallel=cfg.parallel) is None):
     return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,

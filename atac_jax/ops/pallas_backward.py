@@ -63,10 +63,10 @@ class Tiling(NamedTuple):
   """
   batch_minor: bool
   s: int  # positions a tile in the column form's rows
-  block: tuple[int, ...]  # a tile of the rows array (whole batch)
+  block: tuple[int, ...]  # a tile of the rows array (a device's batch)
   steps: int
-  col_lanes: int  # lanes of the column form (whole batch)
-  batch: int
+  col_lanes: int  # lanes of the column form (a device's batch)
+  batch: int  # a device's batch
 
   def to_rows(self, a: jax.Array) -> jax.Array:
     """``(N, spatial..., C)`` -> the rows array (a bitcast in XLA:TPU's layout for it)."""
@@ -137,7 +137,29 @@ def supported(x: jax.Array, params: GateParams, *, inner_relu: bool,
     return f"{math.prod(x.shape[1:-1])} positions are not a multiple of {t.s} per tile"
   if not t.batch_minor and t.batch % 8:
     return f"batch {t.batch} a device is not a multiple of 8 (channels-minor tiles)"
+  need = vmem_bytes(t, c, k)
+  if need > VMEM_BUDGET:
+    return (f"a tile needs ~{need / 2**20:.1f} MiB of on-chip memory (C={c}, K={k}, "
+            f"{t.col_lanes} lanes); the budget is {VMEM_BUDGET / 2**20:.0f} MiB")
   return None
+
+
+VMEM_BUDGET = 12 * 2**20  # under the 16 MiB Mosaic scopes by default on v5e
+
+
+def vmem_bytes(t: Tiling, c: int, k: int) -> int:
+  """A generous estimate of the on-chip memory the sums kernel (the larger) needs per tile.
+
+  Double-buffered input tiles, about a dozen working arrays of the tile's size, the per-position
+  ``(K^2, lanes)`` three-way products, the accumulators and the constants (all float32, lanes
+  padded to 128).
+  """
+  lanes = -(-t.col_lanes // 128) * 128
+  rows_c, rows_k = t.s * c, t.s * k
+  tile = 4 * lanes * (2 * 2 * rows_c + 12 * max(rows_c, rows_k) + 3 * k * k)
+  accumulators = _padded_bytes((c, (3 + k) * k)) + _padded_bytes((k, c + 2 * k))
+  constants = 3 * _padded_bytes((rows_k, rows_c)) + 2 * _padded_bytes((k * k, k))
+  return tile + accumulators + constants
 
 
 def _kron(s: int, w: jax.Array) -> jax.Array:
@@ -154,7 +176,7 @@ def _tile(s: int, v: jax.Array) -> jax.Array:
 
 
 def _fold_cols(v: jax.Array, s: int, n: int) -> jax.Array:
-  """``(k S n, 1)`` stacked sums per tile position -> ``(k, n)``: summed over the positions."""
+  """``(m S n, 1)``: ``m`` stacked sums, each per tile position and channel -> ``(m, n)``."""
   return jnp.sum(v.reshape(-1, s, n), axis=1)
 
 
@@ -243,11 +265,12 @@ def _pallas(kernel, tiled, consts, outs, *, t: Tiling, flops: int, transcendenta
             interpret: bool, accumulate: bool, kernel_options):
   """One pallas_call over the tiles of ``tiled`` (rows), ``consts`` whole in each step.
 
-  ``tiled`` may be a shard of the batch (axis 1): the tiles take the batch they are given.
+  ``tiled`` may be a shard of the batch (axis 1): the tiles take the batch they are given, and
+  ``flops``/``transcendentals`` are per device (``t`` is the per-device tiling). The declared
+  bytes are each operand and output once in its (8, 128)-tiled size; the FLOPs are the MXU work
+  done, block-diagonal zeros and 0/1 selection products included.
   """
-  local_n = tiled[0].shape[1]
-  block = (t.block[0], local_n) + tuple(t.block[2:])
-  share = local_n / t.batch
+  block = (t.block[0], tiled[0].shape[1]) + tuple(t.block[2:])
   kernel = functools.partial(kernel, transposed=not t.batch_minor, **kernel_options)
   index = t.index_map()
   in_specs = ([pl.BlockSpec(block, index) for _ in tiled]
@@ -265,8 +288,7 @@ def _pallas(kernel, tiled, consts, outs, *, t: Tiling, flops: int, transcendenta
         dimension_semantics=("arbitrary" if accumulate else "parallel",))
   return pl.pallas_call(
       kernel, out_shape=list(outs), grid=(t.steps,), in_specs=in_specs, out_specs=out_specs,
-      cost_estimate=pl.CostEstimate(flops=int(flops * share),
-                                    transcendentals=int(transcendentals * share),
+      cost_estimate=pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
                                     bytes_accessed=int(nbytes)),
       interpret=interpret, **kwargs)(*tiled, *consts)
 
