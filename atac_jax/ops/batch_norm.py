@@ -58,3 +58,22 @@ def input_gradient_terms(a: jax.Array, rs: jax.Array, sum_d: jax.Array,
   c0 = -a * sum_d / count + (0.0 if dmean is None else dmean / count)
   c1 = -a * rs * rs * sum_d_centered / count + (0.0 if dvar is None else 2.0 * dvar / count)
   return c0, c1
+
+
+def projection_gradients(a_total: jax.Array, a_gram: jax.Array, kernel: jax.Array,
+                         shift: jax.Array, mul: jax.Array, rs: jax.Array, sum_d: jax.Array,
+                         sum_d_centered: jax.Array, a_d: jax.Array, count, dstats: Moments | None,
+                         *, bias: bool):
+  """A training-mode BatchNorm after a projection ``u = a @ kernel + b``, from row sums.
+
+  With ``uc = u - mean = a @ kernel + shift`` and output cotangent ``d``:
+  ``(c0, c1, dkernel, dbias or None)`` (``du = mul * d + c0 + c1 * uc``, never written) from
+  ``a_total = sum(a)``, ``a_gram = a^T a``, ``a_d = a^T d``, ``sum_d`` and
+  ``sum_d_centered = sum(d * uc)``; ``mul``, ``rs`` as :func:`input_gradient_terms`.
+  """
+  c0, c1 = input_gradient_terms(mul, rs, sum_d, sum_d_centered, count, dstats)
+  a_uc = a_gram @ kernel + jnp.outer(a_total, shift)  # a^T uc
+  dkernel = mul * a_d + jnp.outer(a_total, c0) + c1 * a_uc
+  sum_uc = a_total @ kernel + count * shift
+  dbias = mul * sum_d + count * c0 + c1 * sum_uc if bias else None
+  return c0, c1, dkernel, dbias

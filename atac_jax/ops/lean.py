@@ -32,7 +32,7 @@ from jax import lax
 from atac_jax.ops import batch_norm, pallas_backward, policy, reductions
 from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
-from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
+from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,23 +108,35 @@ class InputNorm(NamedTuple):
     BatchNorm's batch moments (None where zero).
     """
     f32 = acc_dtype(self.dtype)
-    rs = lax.rsqrt(self.stats.var + self.epsilon)
-    mul = rs * self.affine.scale  # scale_shift's multiplier
     count = x.size // x.shape[-1]
     k32 = kernel.astype(f32)
     xc = x.astype(f32) - self.stats.mean
     # x is already in the compute dtype and sum(dh) vanishes to rounding, so the uncentred
     # product loses nothing; centring x first cost XLA:CPU an activation-sized write (3-5%).
     xc_dh = tdot(x.astype(self.dtype), dh) - jnp.outer(self.stats.mean, sum_dh)  # (C, K)
-    sum_dp = k32 @ sum_dh + colsum(gate_dy)
-    sum_dp_xc = jnp.sum(k32 * xc_dh, axis=1) + reductions.sum_product(gate_dy, xc)
-    c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)
+    mul, c0, c1, dkernel, daffine = self.gradient_terms(
+        k32, xc_dh, sum_dh, colsum(gate_dy), reductions.sum_product(gate_dy, xc), count, dstats)
     dx = (pointwise(dh, (mul[:, None] * k32).T.astype(dh.dtype)).astype(f32)
           + mul * gate_dy + c0 + c1 * xc)
-    dkernel = mul[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(f32), sum_dh)
+    return dx.astype(x.dtype), dkernel, daffine
+
+  def gradient_terms(self, kernel32, xc_dh, sum_dh, sum_gate_dy, sum_gate_dy_xc, count,
+                     dstats: Optional[Moments]):
+    """:meth:`backward` from its row sums: ``(mul, c0, c1, dkernel, daffine)``.
+
+    ``dx = mul * dp + c0 + c1 * xc`` for ``dp = dh kernel^T + gate_dy``; ``xc_dh = xc^T dh``,
+    ``sum_dh = sum(dh)``, ``sum_gate_dy = sum(gate_dy)``, ``sum_gate_dy_xc = sum(gate_dy xc)``
+    (the Pallas backward accumulates the same sums in its kernel).
+    """
+    rs = lax.rsqrt(self.stats.var + self.epsilon)
+    mul = rs * self.affine.scale  # scale_shift's multiplier
+    sum_dp = kernel32 @ sum_dh + sum_gate_dy
+    sum_dp_xc = jnp.sum(kernel32 * xc_dh, axis=1) + sum_gate_dy_xc
+    c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)
+    dkernel = mul[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(kernel32.dtype), sum_dh)
     daffine = Affine((sum_dp_xc * rs).astype(self.affine.scale.dtype),
                      sum_dp.astype(self.affine.bias.dtype))
-    return dx.astype(x.dtype), dkernel, daffine
+    return mul, c0, c1, dkernel, daffine
 
 
 def _project(x, projection: Projection, norm: Optional[InputNorm]):
@@ -241,11 +253,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
   sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
   dg2, db2 = sum_dz_uc * rs2, sum_dz
   if batch_stats:  # du = a2 * dz + c0 + c1 * uc
-    c0, c1 = batch_norm.input_gradient_terms(a2, rs2, sum_dz, sum_dz_uc, count, dup)
-    a_uc = gram.matrix @ ku32 + jnp.outer(gram.total, shift_u)  # a^T uc
-    dku = a2 * g_adz + jnp.outer(gram.total, c0) + c1 * a_uc
-    sum_uc = gram.total @ ku32 + count * shift_u
-    dbu = None if bu is None else a2 * sum_dz + count * c0 + c1 * sum_uc
+    c0, c1, dku, dbu = batch_norm.projection_gradients(
+        gram.total, gram.matrix, ku32, shift_u, a2, rs2, sum_dz, sum_dz_uc, g_adz, count, dup,
+        bias=bu is not None)
     da = (reductions.pointwise_sum((dz, (a2 * ku32).T), (a, (ku32 * c1) @ ku32.T))
           + (c0 + c1 * shift_u) @ ku32.T)
     dup_in = None
@@ -287,19 +297,13 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     dx = (pointwise(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
   else:
     dx, dkd, daffine = norm.backward(x, dh, sum_dh, kd, gate_dy, norm_dstats)
-  like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
-  dparams = GateParams(
-      Projection(like(dkd, kd), like(dbd, bd)),
-      Affine(like(dg1, g1), like(db1, params.norm_down.bias)),
-      Projection(like(dku, ku), like(dbu, bu)),
-      Affine(like(dg2, g2), like(db2, params.norm_up.bias)))
+  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dg1, db1),
+                                 Projection(dku, dbu), Affine(dg2, db2)), params)
   if norm is not None:
     return dx, dparams, daffine
   if batch_stats:
     return dx, dparams, None
-  dstats_in = GateStats(*(Moments(like(d.mean, s.mean), like(d.var, s.var))
-                          for d, s in zip((ddown_in, dup_in), stats)))
-  return dx, dparams, dstats_in
+  return dx, dparams, cast_like(GateStats(ddown_in, dup_in), stats)
 
 
 def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, norm=None,
@@ -465,7 +469,7 @@ def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: f
 
   Same signature and results as ``reference.norm_gate``. Whether the BatchNorm folds into the
   down-projection follows :func:`atac_jax.ops.policy.choice` ``'fold_norm'``, in float32 only.
-  ``kernel``: see :class:`Config` (the Pallas kernels take the folded form only).
+  ``kernel``: see :class:`Config`.
   """
   fold = bool(policy.choice("fold_norm")) and jnp.dtype(dtype).itemsize >= 4
   cfg = NormConfig(_config(epsilon, inner_relu, kernel), float(norm_epsilon),

@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from atac_jax.ops import batch_norm
-from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
+from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
 
 _HI = lax.Precision.HIGHEST
 
@@ -382,7 +382,6 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   zeros_c = jnp.zeros((c,), f32)
 
   if norm is not None:
-    rs0 = lax.rsqrt(norm.stats.var + norm.epsilon)
     mul0, shift0 = batch_norm.scale_shift(norm.stats, norm.affine, norm.epsilon)
     cen = norm.stats.mean
   else:
@@ -414,8 +413,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   sums_flops = steps * (recompute_flops + s * per_position * lanes)
   outs = (jax.ShapeDtypeStruct((4 * tile_rows, 1), f32), jax.ShapeDtypeStruct((5 * sk, 1), f32),
           jax.ShapeDtypeStruct((k, c + 2 * k), f32), jax.ShapeDtypeStruct((c, (3 + k) * k), f32))
-  colc, colk, xa, xp = _call(_sums_kernel, (p_rows, dy_rows), consts + (jnp.asarray(ea), jnp.asarray(em)), outs,
-                             t=t, flops=sums_flops,
+  colc, colk, xa, xp = _call(_sums_kernel, (p_rows, dy_rows),
+                             consts + (jnp.asarray(ea), jnp.asarray(em)), outs, t=t,
+                             flops=sums_flops,
                              transcendentals=steps * tile_rows * lanes, interpret=interpret,
                              accumulate=True,
                              kernel_options={"positions": s}, parallel=parallel)
@@ -428,11 +428,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   # Up BatchNorm (as lean.backward).
   sum_dz_uc = jnp.sum(ku32 * adz, axis=0) + shift_u * s_dz
   dg2, db2 = sum_dz_uc * rs2, s_dz
-  c0, c1 = batch_norm.input_gradient_terms(a2, rs2, s_dz, sum_dz_uc, count, dup)
-  a_uc = gram.matrix @ ku32 + jnp.outer(gram.total, shift_u)
-  dku = a2 * adz + jnp.outer(gram.total, c0) + c1 * a_uc
-  sum_uc = gram.total @ ku32 + count * shift_u
-  dbu = None if bu is None else a2 * s_dz + count * c0 + c1 * sum_uc
+  c0, c1, dku, dbu = batch_norm.projection_gradients(
+      gram.total, gram.matrix, ku32, shift_u, a2, rs2, s_dz, sum_dz_uc, adz, count, dup,
+      bias=bu is not None)
   m_mat = (ku32 * c1) @ ku32.T
   r = (c0 + c1 * shift_u) @ ku32.T
   # Down BatchNorm: sums of da_m = mask (t + a M + r) from the accumulated coefficients.
@@ -445,13 +443,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   pc_dh = a1 * pc_da + jnp.outer(s_pc, e0) + x_hc * e1  # (p - cen)^T dh
   dbd = None if bd is None else sum_dh
   daffine = None
-  if norm is not None:  # InputNorm.backward with xc = p - mean (cen = mean)
-    sum_dp = kd32 @ sum_dh + s_gdy
-    sum_dp_xc = jnp.sum(kd32 * pc_dh, axis=1) + s_gdy_pc
-    d0, d1 = batch_norm.input_gradient_terms(mul0, rs0, sum_dp, sum_dp_xc, count, norm_dstats)
-    dkd = mul0[:, None] * pc_dh + jnp.outer(norm.affine.bias.astype(f32), sum_dh)
-    daffine = Affine((sum_dp_xc * rs0).astype(norm.affine.scale.dtype),
-                     sum_dp.astype(norm.affine.bias.dtype))
+  if norm is not None:  # lean.InputNorm's terms with xc = p - mean (cen = mean)
+    _, d0, d1, dkd, daffine = norm.gradient_terms(kd32, pc_dh, sum_dh, s_gdy, s_gdy_pc, count,
+                                                  norm_dstats)
   else:  # cen = 0: pc_dh = x^T dh
     d0, d1 = zeros_c, zeros_c
     dkd = pc_dh
@@ -465,10 +459,6 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
                      transcendentals=steps * tile_rows * lanes, interpret=interpret,
                      accumulate=False, kernel_options={}, parallel=parallel)
   dx = t.from_rows(dx_rows, x.shape).astype(x.dtype)
-  like = lambda grad, ref: None if ref is None else grad.astype(ref.dtype)
-  dparams = GateParams(
-      Projection(like(dkd, kd), like(dbd, bd)),
-      Affine(like(dg1, params.norm_down.scale), like(db1, params.norm_down.bias)),
-      Projection(like(dku, ku), like(dbu, bu)),
-      Affine(like(dg2, params.norm_up.scale), like(db2, params.norm_up.bias)))
+  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dg1, db1),
+                                 Projection(dku, dbu), Affine(dg2, db2)), params)
   return dx, dparams, daffine

@@ -47,3 +47,8 @@ class GateStats(NamedTuple):
   """The two BatchNorms' statistics of a gate: running averages (inference) or batch moments."""
   down: Moments
   up: Moments
+
+
+def cast_like(grads, like):
+  """``grads`` cast leaf by leaf to the dtypes of ``like`` (same pytree; None where it has None)."""
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, like)
