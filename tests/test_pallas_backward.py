@@ -143,6 +143,41 @@ def test_supported_reasons():
                                                        inner_relu=True)
 
 
+def test_vmem_limit_covers_what_mosaic_allocated():
+  """The declared scoped VMEM limit: a whole number of MiB, at least 1.5x the estimate, and
+  above what Mosaic allocated for ResNet-20's kernels in the v5e compile (32 images a chip):
+  1.28, 1.86 and 8.27 MB (the sums kernel, the larger) for C = 16, 32, 64."""
+  for shape, k, allocated in [((32, 32, 32, 16), 8, 1277952), ((32, 16, 16, 32), 16, 1855488),
+                              ((32, 8, 8, 64), 32, 8269824)]:
+    t = pallas_backward.tiling(shape)
+    limit = pallas_backward.vmem_limit(t, shape[-1], k)
+    assert limit % 2**20 == 0
+    assert limit >= 1.5 * pallas_backward.vmem_bytes(t, shape[-1], k)
+    assert limit > 1.5 * allocated
+    assert limit <= 1.5 * pallas_backward.VMEM_BUDGET + 2**20  # what supported() admits
+
+
+@pytest.mark.parametrize("kernel,dtype,tied", [("pallas", jnp.float32, True),
+                                               ("xla", jnp.float32, False),
+                                               ("pallas", jnp.bfloat16, False)])  # falls back
+def test_pallas_backward_reads_the_input_through_the_barrier(kernel, dtype, tied, monkeypatch):
+  """For the kernels the input joins the optimisation barrier on the cotangent (lean._tie):
+  on XLA:TPU the kernels then read the forward pass's buffer instead of a recomputed copy.
+  The XLA backward keeps the barrier over the parameters only. (The barrier is TPU's 'tie';
+  here on the CPU it is forced, and the lowered step is read.)"""
+  monkeypatch.setitem(ops.policy._CHOICES["tie"], "cpu", "barrier")
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 2, 4, 16)).astype(dtype)
+  params = jax.tree.map(lambda a: a.astype(dtype), _params(jax.random.PRNGKey(1), 16, 8,
+                                                           bias=False))
+  loss = lambda x, p: jnp.sum(lean.gate(x, p, epsilon=EPS, inner_relu=True, kernel=kernel)[0])
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, params).as_text()
+  barriers = [line for line in text.splitlines() if "optimization_barrier" in line]
+  name = "f32" if dtype == jnp.float32 else "bf16"
+  assert barriers and all(f"tensor<16x8x{name}>" in line for line in barriers)  # down kernel
+  # the cotangent, and where the kernels run the input too
+  assert sum(line.count(f"tensor<32x2x4x16x{name}>") for line in barriers) == (2 if tied else 1)
+
+
 def test_unsupported_input_falls_back_to_the_xla_backward():
   """A rank-2 input takes the XLA backward under impl='pallas': same gradients as 'lean'."""
   x = jax.random.normal(jax.random.PRNGKey(0), (32, 16))
