@@ -178,14 +178,15 @@ def test_compile_tiny_model_on_v5e(capsys):
 
 
 def test_compile_pallas_backward_on_v5e(capsys):
-  """Mosaic compiles the Pallas backward in a sharded step: its kernels appear per device, no
-  all-gather of the batch (libtpu only; 20-40 s of CPU per side)."""
+  """Mosaic compiles the Pallas backward (the TPU default) in a sharded step: its kernels appear
+  per device, no all-gather of the batch; ``backward_kernel="xla"`` has none (libtpu only;
+  20-40 s of CPU per side)."""
   pytest.importorskip("libtpu")
   bench.main(["compile", "--topology", "v5e:2x2", "--model", "cifar_resnet8", "--act", "atac",
-              "--batch", "32", "--act-option", 'backward_kernel="pallas"', "--compare", "atac",
-              "--breakdown", "200"])
+              "--batch", "32", "--compare", "atac", "--compare-act-option",
+              'backward_kernel="xla"', "--breakdown", "200"])
   a, b, ratio = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
-  assert a["act_options"] == {"backward_kernel": "pallas"} and b["act_options"] == {}
+  assert a["act_options"] == {} and b["act_options"] == {"backward_kernel": "xla"}
   sources = [s["source"] for s in a["breakdown"]["by_source"]]
   assert any(s.endswith("shard_map/pallas_call") for s in sources)
   assert not any("pallas" in s for s in (t["source"] for t in b["breakdown"]["by_source"]))

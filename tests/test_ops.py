@@ -158,6 +158,28 @@ def test_sigmoid_tail_does_not_underflow():
     np.testing.assert_allclose(dx, jax.nn.sigmoid(-20.0) * np.ones_like(dx), rtol=1e-3)
 
 
+def test_module_backward_kernel_auto_is_pallas_on_tpu_where_the_split_is_known(monkeypatch):
+  """TPU: the kernels under 'auto' on one device or under a data_parallel declaration; with
+  several devices and none (the kernels would see the whole batch) the XLA backward; GPU and
+  CPU: the XLA backward."""
+  impl = lambda: ops.module_impl(memory_lean=True, backward_kernel="auto")
+  with ops.policy.lowering_platform("tpu"):
+    assert ops.policy.choice("backward_kernel") == "pallas"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert impl() == "pallas"
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    assert impl() == "auto"
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with ops.pallas_backward.data_parallel(mesh, ("data",)):
+      assert impl() == "pallas"
+    assert ops.module_impl(memory_lean=True, backward_kernel="xla") == "auto"
+    assert ops.module_impl(memory_lean=False, backward_kernel="auto") == "reference"
+  for platform in ("gpu", "cpu"):
+    with ops.policy.lowering_platform(platform):
+      monkeypatch.setattr(jax, "device_count", lambda: 1)
+      assert impl() == "auto"
+
+
 def test_resolve_impl_and_policy():
   assert ops.resolve_impl("auto", train=True) == ops.policy.choice("gate_impl") == "lean"
   assert ops.resolve_impl("auto", train=False) == "reference"
@@ -166,7 +188,8 @@ def test_resolve_impl_and_policy():
     ops.resolve_impl("fast", train=True)
   assert ops.resolve_impl("pallas", train=True) == "pallas"
   assert ops.resolve_impl("pallas", train=False) == "reference"  # nothing kept in inference
-  assert ops.module_impl(memory_lean=True, backward_kernel="auto") == "auto"  # policy: xla
+  with ops.policy.lowering_platform("cpu"):  # policy: xla
+    assert ops.module_impl(memory_lean=True, backward_kernel="auto") == "auto"
   assert ops.module_impl(memory_lean=True, backward_kernel="pallas") == "pallas"
   assert ops.module_impl(memory_lean=False, backward_kernel="pallas") == "reference"
   # cross-device statistics: the kernels do not apply; the reference op runs (no error)

@@ -62,10 +62,11 @@ class ATAC(nn.Module):
     memory_lean: in training, run the memory-lean op (recomputes the bottleneck in the backward
       pass; same variables, values and gradients, less memory and time; every transformation).
       ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
-    backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"xla"``
-      today), ``"xla"``, or ``"pallas"``: the training backward pass of a float32 unit as two
-      Pallas kernels where they apply (``atac_jax.ops.pallas_backward``; Mosaic on TPU,
-      Pallas' interpreter on the CPU, the XLA backward on GPU).
+    backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"pallas"``
+      on TPU where the batch's split is known, one device or a ``pallas_backward.data_parallel``
+      step; ``"xla"`` elsewhere), ``"xla"``, or ``"pallas"``: the training backward pass of a
+      float32 unit as two Pallas kernels where they apply (``atac_jax.ops.pallas_backward``;
+      Mosaic on TPU, Pallas' interpreter on the CPU, the XLA backward on GPU).
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); the reference op runs.
     train: training mode (batch statistics, ``batch_stats`` updates); flax's convention: the

@@ -14,7 +14,8 @@ Implementations (``impl``):
   Pallas' interpreter on the CPU (slow: for tests), the XLA backward on GPU. A step whose batch
   XLA splits over devices declares it (``pallas_backward.data_parallel``); no ``axis_name``.
 * ``"auto"`` -- the per-backend default of :mod:`atac_jax.ops.policy` (``"lean"`` on every
-  backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics).
+  backend today); ``"reference"`` with an ``axis_name`` (cross-device statistics). (The Flax
+  modules choose the backward kernel separately, :func:`module_impl`: ``"pallas"`` on TPU.)
 
 Inference (``stats`` given) uses the reference under ``"auto"``: nothing is kept for a backward
 pass in inference, and the reference is differentiable in every mode.
@@ -26,7 +27,7 @@ from typing import Any, Optional
 
 import jax
 
-from atac_jax.ops import lean, policy, reference
+from atac_jax.ops import lean, pallas_backward, policy, reference
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments
 
 IMPLS = ("auto", "lean", "pallas", "reference")
@@ -56,9 +57,11 @@ def module_impl(*, memory_lean: bool, backward_kernel: str, axis_name: Any = Non
                 layer: str = "ATAC") -> str:
   """The ``impl`` a Flax module's ``memory_lean`` and ``backward_kernel`` options stand for.
 
-  ``backward_kernel``: ``"auto"`` (:func:`atac_jax.ops.policy.choice` ``'backward_kernel'``),
-  ``"xla"`` or ``"pallas"``. With an ``axis_name`` (cross-device statistics) the kernels do not
-  apply and the choice is ``"auto"`` (the reference op).
+  ``backward_kernel``: ``"auto"`` (:func:`atac_jax.ops.policy.choice` ``'backward_kernel'``:
+  the Pallas kernels on TPU, where the batch's split is known: one device, or a step traced
+  under :func:`atac_jax.ops.pallas_backward.data_parallel`), ``"xla"`` or ``"pallas"``. With an
+  ``axis_name`` (cross-device statistics) the kernels do not apply and the choice is ``"auto"``
+  (the reference op).
 
   Raises:
     ValueError: for an unknown ``backward_kernel``.
@@ -73,6 +76,8 @@ def module_impl(*, memory_lean: bool, backward_kernel: str, axis_name: Any = Non
     return "auto"
   if backward_kernel == "auto":
     backward_kernel = policy.choice("backward_kernel")
+    if backward_kernel == "pallas" and not pallas_backward.batch_split_known():
+      backward_kernel = "xla"
   return "pallas" if backward_kernel == "pallas" else "auto"
 
 

@@ -11,11 +11,15 @@ forward and backward (ReLU: 273 MB accessed, 55 MiB peak):
 ``backward_kernel`` -- the training backward pass of a float32 unit under ``backward_kernel=
   "auto"`` (the Flax modules' default): ``"xla"``, or ``"pallas"``, the two Mosaic kernels of
   :mod:`atac_jax.ops.pallas_backward` (two passes over the input and the cotangent instead of
-  XLA's ~17 a unit). ResNet-20 on v5e:2x2 (batch 128, float32), per chip: 2.15 GB accessed and
-  113 MiB peak with them against 3.10 GB and 83 MiB (ReLU: 1.02 GB, 101 MiB).
-  * all backends: ``"xla"`` for now: the kernels are checked in Pallas' interpreter on the CPU
-    and compiled by Mosaic for v5e ahead of time, but not yet run on a TPU. Opt in with
-    ``backward_kernel="pallas"``; TPU becomes ``"pallas"`` once a run on hardware agrees.
+  XLA's ~17 a unit).
+  * ``tpu``: ``"pallas"``. ResNet-20 on v5e:2x2 (batch 128, float32), per chip: 1.96 GB
+    accessed and 109 MiB peak, against 3.10 GB and 83 MiB with the XLA backward (ReLU: 1.02 GB,
+    101 MiB). Checked against the XLA backward and plain autodiff in Pallas' interpreter on the
+    CPU and compiled by Mosaic ahead of time for v5e; not yet run on a TPU (``"xla"`` is the
+    escape hatch). The modules take it only where the op knows how the batch is split: one
+    device, or a step that declares its data axes (``pallas_backward.data_parallel``, as the
+    training CLI does); else the kernels would see the whole batch on every device.
+  * others: ``"xla"`` (CPU: the kernels run in Pallas' interpreter, for tests; GPU: no kernels).
 
 ``colsum`` -- how a column sum over rows is written.
   * ``cpu``: a matrix-vector product with ones. XLA:CPU rewrites a large ``jnp.sum`` into a tree
@@ -80,7 +84,7 @@ _local = threading.local()
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 _CHOICES = {
-    "backward_kernel": {"default": "xla"},
+    "backward_kernel": {"tpu": "pallas", "default": "xla"},
     "colsum": {"cpu": "ones_matmul", "default": "reduce"},
     "contraction": {"tpu": "conv", "default": "dot"},
     "fold_norm": {"default": True},
