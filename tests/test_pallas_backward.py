@@ -144,17 +144,19 @@ def test_supported_reasons():
 
 
 def test_vmem_limit_covers_what_mosaic_allocated():
-  """The declared scoped VMEM limit: a whole number of MiB, at least 1.5x the estimate, and
-  above what Mosaic allocated for ResNet-20's kernels in the v5e compile (32 images a chip):
-  1.28, 1.86 and 8.27 MB (the sums kernel, the larger) for C = 16, 32, 64."""
+  """The declared scoped VMEM limit: a whole number of MiB, twice the estimate or the floor,
+  and above what Mosaic allocated in v5e compiles: ResNet-20's sums kernels (32 images a chip:
+  1.28, 1.86 and 8.27 MB for C = 16, 32, 64) and the shape that failed at 1.5x the estimate
+  (6.98 MiB for 128 images of 2x2 positions, C = 64, K = 32: 1.8x the estimate)."""
   for shape, k, allocated in [((32, 32, 32, 16), 8, 1277952), ((32, 16, 16, 32), 16, 1855488),
-                              ((32, 8, 8, 64), 32, 8269824)]:
+                              ((32, 8, 8, 64), 32, 8269824), ((128, 2, 2, 64), 32, 6.98 * 2**20)]:
     t = pallas_backward.tiling(shape)
     limit = pallas_backward.vmem_limit(t, shape[-1], k)
     assert limit % 2**20 == 0
-    assert limit >= 1.5 * pallas_backward.vmem_bytes(t, shape[-1], k)
-    assert limit > 1.5 * allocated
-    assert limit <= 1.5 * pallas_backward.VMEM_BUDGET + 2**20  # what supported() admits
+    assert limit >= max(2 * pallas_backward.vmem_bytes(t, shape[-1], k),
+                        pallas_backward.VMEM_LIMIT_FLOOR)
+    assert limit > 1.1 * allocated
+    assert limit <= 2 * pallas_backward.VMEM_BUDGET + 2**20  # what supported() admits
 
 
 @pytest.mark.parametrize("kernel,dtype,tied", [("pallas", jnp.float32, True),
