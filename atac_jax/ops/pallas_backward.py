@@ -173,9 +173,9 @@ def vmem_limit(t: Tiling, c: int, k: int) -> int:
   assignment keeps fewer of the step's activations on chip across the kernels. Measured on
   ResNet-20, one v5e chip (32 images, float32, ``x`` tied, ``lean._tie``): 2.01 GB accessed
   with the default, 1.92 GB with this limit (the same with 1.5x and no floor, or 10 MiB for
-  all). Mosaic needed up to 1.8x the estimate over the 55 supported of 98 shapes compiled for v5e (C = 8-256,
-  K = 8-128, 1-256 images): a limit below a kernel's need fails its compile
-  (``CompileTimeScopedVmemOom``).
+  all). Mosaic needed up to 1.8x the estimate over the 55 supported of 98 shapes compiled for
+  v5e (C = 8-256, K = 8-128, 1-256 images a device): a limit below a kernel's need fails its
+  compile (``CompileTimeScopedVmemOom``).
   """
   return max(VMEM_LIMIT_FLOOR, -(-2 * vmem_bytes(t, c, k) // 2**20) * 2**20)
 
