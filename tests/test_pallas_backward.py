@@ -123,6 +123,31 @@ def test_layer_backward_kernel_matches_xla(fused):
   _close(grads("pallas"), grads("xla"))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_second_order_through_the_kernels_matches_xla(fused):
+  """grad-of-grad and jvp-of-grad: the kernels' result is differentiated as the XLA
+  backward's (a pallas_call has no derivative rule of its own)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 2, 4, 16)) + 0.2
+  params = _params(jax.random.PRNGKey(1), 16, 8, bias=True)
+  affine = Affine(jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.3, 0.3, 16))
+
+  def loss(impl, x, params):
+    if fused:
+      y = ops.norm_gate(x, affine, params, norm_epsilon=EPS, epsilon=EPS, inner_relu=True,
+                        dtype=jnp.float32, impl=impl)[0]
+    else:
+      y = ops.gate(x, params, epsilon=EPS, inner_relu=True, impl=impl)[0]
+    return jnp.sum(jnp.sin(y))
+
+  def second(impl):
+    grad = jax.grad(functools.partial(loss, impl), argnums=(0, 1))
+    penalty = lambda x, p: sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grad(x, p)))
+    hvp = jax.jvp(lambda x: grad(x, params)[0], (x,), (jnp.cos(x),))[1]
+    return jax.grad(penalty, argnums=(0, 1))(x, params), hvp
+
+  _close(second("pallas"), second("lean"), rtol=1e-4)
+
+
 def test_supported_reasons():
   params = _params(jax.random.PRNGKey(0), 16, 8, bias=False)
   ok = jnp.zeros((32, 4, 4, 16))

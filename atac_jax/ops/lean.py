@@ -315,14 +315,31 @@ def _kernels_apply(x, params, cfg: Config) -> bool:
 
 def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, norm=None,
                     norm_dstats=None):
-  """:func:`backward` with batch statistics, through the Pallas kernels where chosen and apt."""
-  if _kernels_apply(x, params, cfg):
+  """:func:`backward` with batch statistics, through the Pallas kernels where chosen and apt.
+
+  The kernels' result is differentiated as the XLA backward's (same values; a ``pallas_call``
+  has no derivative rule), so grad-of-grad and ``jvp`` of ``grad`` work either way.
+  """
+  def xla(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats):
+    norm_ = None if norm is None else norm._replace(stats=norm_moments, affine=norm_affine)
+    kwargs = {} if norm is None else {"norm": norm_, "norm_dstats": norm_dstats}
+    return backward(x, params, stats, gram, dy, dstats, cfg, batch_stats=True, **kwargs)
+
+  args = (x, params, stats, gram, dy, dstats, None if norm is None else norm.stats,
+          None if norm is None else norm.affine, norm_dstats)
+  if not _kernels_apply(x, params, cfg):
+    return xla(*args)
+
+  @jax.custom_jvp
+  def kernels(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats):
+    norm_ = None if norm is None else norm._replace(stats=norm_moments, affine=norm_affine)
     return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
-                                    norm=norm, norm_dstats=norm_dstats,
+                                    norm=norm_, norm_dstats=norm_dstats,
                                     interpret=policy.platform() != "tpu",
                                     parallel=cfg.parallel)
-  kwargs = {} if norm is None else {"norm": norm, "norm_dstats": norm_dstats}
-  return backward(x, params, stats, gram, dy, dstats, cfg, batch_stats=True, **kwargs)
+
+  kernels.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
+  return kernels(*args)
 
 
 def _tie(x, small, dy, *, with_input: bool = False):
