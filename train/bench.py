@@ -8,6 +8,7 @@
     atac-bench data --kind cifar --workers 0 2
     atac-bench step-with-input --model cifar_resnet20 --batch 128
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
+    atac-bench kernels                                  # on a TPU: Pallas vs XLA backward
 
 ``train`` builds the real training step of the project (``atac_train.trainer.setup`` +
 ``compile_steps``: ``atac_train.steps.train_step`` on ``train.state.create_train_state`` with the
@@ -17,7 +18,8 @@
 step time. ``--compare OTHER`` builds both steps in one process and times them in alternating
 rounds (A, B, A, B, ...) so that drift and load from other processes hit both alike.
 ``compile`` compiles the same step for a Cloud TPU topology with libtpu and reports XLA's
-per-chip cost there (no TPU needed; :mod:`atac_train.aot`).
+per-chip cost there (no TPU needed; :mod:`atac_train.aot`). ``kernels`` checks the Pallas
+backward against the XLA backward on this machine's device (:mod:`atac_train.kernel_check`).
 
 The XLA CPU defaults of :mod:`train.cpu_defaults` are applied before JAX starts (a flag the
 user set in ``XLA_FLAGS`` wins).
@@ -341,6 +343,15 @@ def _parser() -> argparse.ArgumentParser:
   comp.add_argument("--breakdown", type=int, default=0, metavar="N",
                     help="add the N instructions that move the most bytes")
 
+  kern = sub.add_parser("kernels", help="the Pallas backward's gradients against the XLA "
+                        "backward's on this machine's device (run it on a TPU); exits 1 on a "
+                        "mismatch")
+  kern.add_argument("--batch", type=int, default=32, help="images a unit (default: %(default)s)")
+  kern.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest difference relative to a gradient's magnitude")
+  kern.add_argument("--seed", type=int, default=0)
+  kern.add_argument("--out", default=None)
+
   dat = sub.add_parser("data", help="input-pipeline images/s (train.data.benchmark)")
   dat.add_argument("--kind", choices=("cifar", "imagenet"), default="cifar")
   dat.add_argument("--workers", type=int, nargs="+", default=[0])
@@ -361,6 +372,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   from atac_train import cpu_defaults  # pylint: disable=g-import-not-at-top
   cpu_defaults.apply()  # before JAX initialises its backends
+  if args.command == "kernels":
+    from atac_train import kernel_check  # pylint: disable=g-import-not-at-top
+    try:
+      record = kernel_check.check(batch=args.batch, seed=args.seed, tolerance=args.tolerance)
+    except ValueError as error:
+      print(f"atac-bench: error: {error}", file=sys.stderr)
+      sys.exit(2)
+    _emit(record, args.out)
+    if not record["ok"]:
+      bad = [r["shape"] for r in record["units"] if not r["ok"]]
+      print(f"atac-bench kernels: the Pallas backward differs from the XLA backward for units "
+            f"{bad}; train with backward_kernel='xla' (act option) and report it.",
+            file=sys.stderr)
+      sys.exit(1)
+    return
   if args.command == "data":
     from atac_train.data import benchmark  # pylint: disable=g-import-not-at-top
     for workers in args.workers:
