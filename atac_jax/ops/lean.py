@@ -313,33 +313,37 @@ def _kernels_apply(x, params, cfg: Config) -> bool:
                                         parallel=cfg.parallel) is None)
 
 
-def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, norm=None,
-                    norm_dstats=None):
-  """:func:`backward` with batch statistics, through the Pallas kernels where chosen and apt.
+def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels: bool,
+                    norm=None, norm_dstats=None):
+  """:func:`backward` with batch statistics; through the Pallas kernels with ``kernels``
+  (:func:`_kernels_apply`).
 
   The kernels' result is differentiated as the XLA backward's (same values; a ``pallas_call``
   has no derivative rule), so grad-of-grad and ``jvp`` of ``grad`` work either way.
   """
+  def with_norm(moments, affine):  # norm's arrays as arguments, its static fields kept
+    return None if norm is None else norm._replace(stats=moments, affine=affine)
+
   def xla(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats):
-    norm_ = None if norm is None else norm._replace(stats=norm_moments, affine=norm_affine)
-    kwargs = {} if norm is None else {"norm": norm_, "norm_dstats": norm_dstats}
+    kwargs = ({} if norm is None else
+              {"norm": with_norm(norm_moments, norm_affine), "norm_dstats": norm_dstats})
     return backward(x, params, stats, gram, dy, dstats, cfg, batch_stats=True, **kwargs)
 
   args = (x, params, stats, gram, dy, dstats, None if norm is None else norm.stats,
           None if norm is None else norm.affine, norm_dstats)
-  if not _kernels_apply(x, params, cfg):
+  if not kernels:
     return xla(*args)
 
   @jax.custom_jvp
-  def kernels(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats):
-    norm_ = None if norm is None else norm._replace(stats=norm_moments, affine=norm_affine)
+  def pallas(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats):
     return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
-                                    norm=norm_, norm_dstats=norm_dstats,
+                                    norm=with_norm(norm_moments, norm_affine),
+                                    norm_dstats=norm_dstats,
                                     interpret=policy.platform() != "tpu",
                                     parallel=cfg.parallel)
 
-  kernels.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
-  return kernels(*args)
+  pallas.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
+  return pallas(*args)
 
 
 def _tie(x, small, dy, *, with_input: bool = False):
@@ -419,8 +423,9 @@ def _train_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, params), (batch,) = primals, stats
     dy, dstats = ct
-    x, params = _tie(x, params, dy, with_input=_kernels_apply(x, params, cfg))
-    dx, dparams, _ = _train_backward(x, params, batch, gram, dy, dstats, cfg)
+    kernels = _kernels_apply(x, params, cfg)
+    x, params = _tie(x, params, dy, with_input=kernels)
+    dx, dparams, _ = _train_backward(x, params, batch, gram, dy, dstats, cfg, kernels=kernels)
     return dx, dparams
   return _lean_jvp(functools.partial(_train_gate_run, cfg), backward_fn, primals, tangents)
 
@@ -489,11 +494,11 @@ def _norm_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, norm_affine, params), (moments, batch) = primals, stats
     dy, dmoments, dbatch = ct
-    x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy,
-                                       with_input=_kernels_apply(x, params, cfg.gate))
+    kernels = _kernels_apply(x, params, cfg.gate)
+    x_tied, (norm_tied, params) = _tie(x, (norm_affine, params), dy, with_input=kernels)
     norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold)
     dx, dparams, daffine = _train_backward(x_tied, params, batch, gram, dy, dbatch, cfg.gate,
-                                           norm=norm, norm_dstats=dmoments)
+                                           kernels=kernels, norm=norm, norm_dstats=dmoments)
     return dx, daffine, dparams
   return _lean_jvp(functools.partial(_norm_gate_run, cfg), backward_fn, primals, tangents)
 
