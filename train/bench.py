@@ -9,6 +9,7 @@
     atac-bench step-with-input --model cifar_resnet20 --batch 128
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
     atac-bench kernels                                  # on a TPU: Pallas vs XLA backward
+    atac-bench baseline --checkout /tmp/old             # this checkout's ATAC vs another's
 
 ``train`` builds the real training step of the project (``atac_train.trainer.setup`` +
 ``compile_steps``: ``atac_train.steps.train_step`` on ``train.state.create_train_state`` with the
@@ -20,6 +21,8 @@ rounds (A, B, A, B, ...) so that drift and load from other processes hit both al
 ``compile`` compiles the same step for a Cloud TPU topology with libtpu and reports XLA's
 per-chip cost there (no TPU needed; :mod:`atac_train.aot`). ``kernels`` checks the Pallas
 backward against the XLA backward on this machine's device (:mod:`atac_train.kernel_check`).
+``baseline`` times this checkout's unit against another checkout's in one process
+(:mod:`atac_train.baseline`).
 
 The XLA CPU defaults of :mod:`train.cpu_defaults` are applied before JAX starts (a flag the
 user set in ``XLA_FLAGS`` wins).
@@ -352,6 +355,20 @@ def _parser() -> argparse.ArgumentParser:
   kern.add_argument("--seed", type=int, default=0)
   kern.add_argument("--out", default=None)
 
+  base = sub.add_parser("baseline", help="this checkout's --act against another checkout's, "
+                        "and --compare, in one process (alternating rounds, a shared plain step)")
+  base.add_argument("--checkout", required=True, metavar="DIR",
+                    help="root of another checkout (e.g. `git worktree add DIR <commit>`)")
+  base.add_argument("--model", default="cifar_resnet20")
+  base.add_argument("--act", default="atac")
+  base.add_argument("--compare", default="relu", metavar="ACT",
+                    help="the reference side, from this checkout (default: %(default)s)")
+  base.add_argument("--batch", type=int, default=128)
+  base.add_argument("--rounds", type=int, default=16)
+  base.add_argument("--steps", type=int, default=2, help="timed steps a round")
+  base.add_argument("--seed", type=int, default=0)
+  base.add_argument("--out", default=None)
+
   dat = sub.add_parser("data", help="input-pipeline images/s (train.data.benchmark)")
   dat.add_argument("--kind", choices=("cifar", "imagenet"), default="cifar")
   dat.add_argument("--workers", type=int, nargs="+", default=[0])
@@ -398,7 +415,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   import os  # pylint: disable=g-import-not-at-top
   flags_info = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
-    if args.command == "step-with-input":
+    if args.command == "baseline":
+      from atac_train import baseline  # pylint: disable=g-import-not-at-top
+      record = baseline.compare_checkouts(args.checkout, model=args.model, act=args.act,
+                                          compare=args.compare, batch=args.batch,
+                                          rounds=args.rounds, steps=args.steps, seed=args.seed)
+    elif args.command == "step-with-input":
       config = _train_config(args, args.act, _act_options(args), augment=args.augment)
       config.dataset.num_workers = args.workers
       record = bench_step_with_input(config, steps=args.steps, num_devices=args.num_devices)
