@@ -7,16 +7,14 @@ machine at the same moment; figures taken on different days differ by more than 
 :func:`compare_checkouts` builds one train step per side and times them in alternating rounds:
 ``--compare`` (e.g. ReLU) and ``--act`` from this checkout, and ``--act`` from the other one.
 
-The step is a plain one shared by all sides (softmax cross-entropy, SGD with Nesterov momentum
-0.9 and weight decay 1e-4, learning rate 0.1, ``batch_stats`` updated, parameters and optimizer
-state donated), so only the models differ; each side starts from the same seed. The other
-checkout needs :func:`atac_jax.models.create` with this signature (every release has it).
+Every side is ``atac-bench train``'s step (this checkout's training system, optimizer and
+synthetic batch, same seed), so only the model differs. The other checkout needs
+:func:`atac_jax.models.create` with this signature (every release has it).
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import importlib
 import pathlib
 import re
@@ -24,7 +22,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from types import ModuleType
 from typing import Any, Callable
 
@@ -76,71 +73,20 @@ def load_package(checkout: str | pathlib.Path, *, name: str = BASELINE_NAME) -> 
   return module
 
 
-@dataclasses.dataclass
-class Side:
-  """One timed train step: its name, a runner of one step, and what it measured."""
-  name: str
-  run: Callable[[], float]
-  temp_bytes: int
-  first_loss: float
-  wall: list[float] = dataclasses.field(default_factory=list)
-  cpu: list[float] = dataclasses.field(default_factory=list)
-
-
-def plain_step(models: ModuleType, name: str, *, model: str, act: str, batch: int,
-               image_shape: tuple[int, int, int], num_classes: int, seed: int) -> Side:
-  """Compiles the shared plain train step for ``models.create(model, act=act)``.
-
-  Returns:
-    A :class:`Side` whose ``run()`` takes one step and returns its loss; ``first_loss`` is the
-    loss of an untimed first step.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  net = models.create(model, num_classes=num_classes, act=act)
-  rng = np.random.default_rng(seed)
-  images = jnp.asarray(rng.standard_normal((batch, *image_shape)).astype(np.float32))
-  labels = jnp.asarray(rng.integers(0, num_classes, batch).astype(np.int32))
-  variables = net.init(jax.random.PRNGKey(seed), images[:2], train=False)
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  optimizer = optax.chain(optax.add_decayed_weights(1e-4),
-                          optax.sgd(0.1, momentum=0.9, nesterov=True))
-
-  def step(params, stats, opt_state, images, labels):
-    def loss_fn(p):
-      logits, updates = net.apply({"params": p, "batch_stats": stats}, images, train=True,
-                                  mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, updates.get("batch_stats", {})
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
-  state = [params, stats, optimizer.init(params)]
-  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, images, labels).compile()
-
-  def run() -> float:
-    new_params, new_stats, new_opt_state, loss = compiled(*state, images, labels)
-    state[:] = [new_params, new_stats, new_opt_state]
-    return float(jax.block_until_ready(loss))
-
-  first = run()
-  return Side(name, run, int(compiled.memory_analysis().temp_size_in_bytes), first)
-
-
 def compare_checkouts(checkout: str | pathlib.Path, *, model: str = "cifar_resnet20",
                       act: str = "atac", compare: str = "relu", batch: int = 128,
                       rounds: int = 16, steps: int = 2, seed: int = 0) -> dict[str, Any]:
   """Times ``act`` here, ``act`` in ``checkout`` and ``compare`` here, in alternating rounds.
 
+  Each side is ``atac-bench train``'s step (:func:`atac_train.bench.build_step`, this checkout's
+  training system); the baseline side trains the other checkout's
+  ``models.create(model, num_classes=..., act=act)``.
+
   Returns:
-    One record: per side the median step time (wall clock and process CPU time), temp bytes and
-    first-step loss; ``ratio`` (wall) and ``cpu_ratio`` of each side to ``compare``, their
-    medians over rounds, and ``speedup_vs_baseline`` (the baseline's wall time over this
-    checkout's for ``act``).
+    One record: per side :meth:`~atac_train.bench.StepBench.summary` (median step time, process
+    CPU time, temp bytes, first-step loss, ...); ``ratio`` (wall) and ``cpu_ratio`` of each side
+    to ``compare``, their medians over rounds, and ``speedup_vs_baseline`` (the baseline's wall
+    time over this checkout's for ``act``).
 
   Raises:
     ValueError: bad counts, ``compare == act``, or a ``checkout`` without the package.
@@ -150,41 +96,34 @@ def compare_checkouts(checkout: str | pathlib.Path, *, model: str = "cifar_resne
   if compare == act:
     raise ValueError(f"--compare names the reference activation (default relu); it must differ "
                      f"from --act, got {act!r} for both.")
-  import atac_jax.models as here  # pylint: disable=g-import-not-at-top
-  from atac_train.bench import image_spec  # pylint: disable=g-import-not-at-top
-  baseline = importlib.import_module(f"{load_package(checkout).__name__}.models")
-  image_shape, num_classes = image_spec(model)
-  common = dict(model=model, batch=batch, image_shape=image_shape, num_classes=num_classes,
-                seed=seed)
-  sides = [plain_step(here, compare, act=compare, **common),
-           plain_step(here, act, act=act, **common),
-           plain_step(baseline, f"{act}@baseline", act=act, **common)]
-  for _ in range(rounds):
-    for side in sides:
-      wall, cpu = time.perf_counter(), time.process_time()
-      for _ in range(steps):
-        side.run()
-      side.wall.append((time.perf_counter() - wall) / steps)
-      side.cpu.append((time.process_time() - cpu) / steps)
+  from atac_train import bench  # pylint: disable=g-import-not-at-top
+  package = load_package(checkout)
+  other = importlib.import_module(f"{package.__name__}.models")
+  config = bench.bench_config(model, act, batch=batch, seed=seed)
+  _, num_classes = bench.image_spec(model)
+  sides = [bench.build_step(bench.bench_config(model, compare, batch=batch, seed=seed),
+                            name=compare),
+           bench.build_step(config, name=act),
+           bench.build_step(config, name=f"{act}@baseline",
+                            model=other.create(model, num_classes=num_classes, act=act))]
+  bench.alternate(sides, rounds=rounds, steps=steps)
   ref = sides[0]
 
-  def ratios(values: Callable[[Side], list[float]]) -> tuple[dict, dict]:
-    median = {s.name: statistics.median(values(s)) / statistics.median(values(ref)) for s in sides}
-    per_round = {s.name: statistics.median([a / b for a, b in zip(values(s), values(ref))])
+  def ratios(times: Callable[[bench.StepBench], list[float]]) -> tuple[dict, dict]:
+    median = {s.name: statistics.median(times(s)) / statistics.median(times(ref)) for s in sides}
+    per_round = {s.name: statistics.median(bench.per_round_ratios(times(s), times(ref),
+                                                                  steps=steps))
                  for s in sides}
     return median, per_round
 
-  ratio, ratio_rounds = ratios(lambda s: s.wall)
-  cpu_ratio, cpu_rounds = ratios(lambda s: s.cpu)
+  ratio, ratio_rounds = ratios(lambda s: s.times)
+  cpu_ratio, cpu_rounds = ratios(lambda s: s.cpu_times)
   return {
       "model": model, "act": act, "compare": compare, "batch": batch, "rounds": rounds,
-      "steps_per_round": steps, "baseline": str(_package_dir(checkout)),
-      "sides": {s.name: {"step_seconds_median": statistics.median(s.wall),
-                         "cpu_seconds_median": statistics.median(s.cpu),
-                         "temp_bytes": s.temp_bytes, "first_loss": s.first_loss}
-                for s in sides},
+      "steps_per_round": steps, "baseline": package.__baseline_source__,
+      "sides": {s.name: s.summary() for s in sides},
       "ratio": ratio, "ratio_median_of_rounds": ratio_rounds,
       "cpu_ratio": cpu_ratio, "cpu_ratio_median_of_rounds": cpu_rounds,
-      "speedup_vs_baseline": (statistics.median(sides[2].wall)
-                              / statistics.median(sides[1].wall)),
+      "speedup_vs_baseline": (statistics.median(sides[2].times)
+                              / statistics.median(sides[1].times)),
   }

@@ -109,15 +109,20 @@ class StepBench:
   argument_bytes: int
   output_bytes: int
   times: list[float] = dataclasses.field(default_factory=list)
+  cpu_times: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds
+  first_loss: float | None = None  # of the untimed warm-up step
+  last_metrics: Any = None  # of the last step run
 
   def run(self, steps: int) -> None:
-    """Runs ``steps`` steps, blocking after each, and records their wall times."""
+    """Runs ``steps`` steps, blocking after each, and records their wall and CPU times."""
     import jax  # pylint: disable=g-import-not-at-top
     for _ in range(steps):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       self.state, metrics = self.step(self.state, self.batch)
       jax.block_until_ready(metrics)
       self.times.append(time.perf_counter() - start)
+      self.cpu_times.append(time.process_time() - cpu_start)
+      self.last_metrics = metrics
 
   def info(self) -> dict[str, Any]:
     """What was measured: model, activation, batch, dtype, compile time, memory, device."""
@@ -141,7 +146,9 @@ class StepBench:
     median = statistics.median(self.times) if self.times else None
     return {**self.info(), "steps": len(self.times), "step_seconds_median": median,
             "step_seconds_min": min(self.times) if self.times else None,
-            "images_per_second": self.config.global_batch_size / median if median else None}
+            "cpu_seconds_median": statistics.median(self.cpu_times) if self.cpu_times else None,
+            "images_per_second": self.config.global_batch_size / median if median else None,
+            "first_loss": self.first_loss}
 
 
 def _devices(num_devices: int):
@@ -153,19 +160,20 @@ def _devices(num_devices: int):
 
 
 def build_step(config, *, num_devices: int = 1, name: str = "",
-               compile_only: bool = False) -> StepBench:
+               compile_only: bool = False, model: Any = None) -> StepBench:
   """Compiles the project's train step for ``config`` and makes its state and a device batch.
 
   The step is ``atac_train.trainer.compile_steps`` (jit of ``atac_train.steps.train_step`` with explicit
   shardings and the state donated), lowered and compiled ahead of time for the batch; the
   compiled executable is what gets timed (after one untimed warm-up step), and its memory
   analysis gives ``temp_bytes``. ``compile_only`` lowers on shapes alone and allocates nothing,
-  so a model too big to train here can still be compiled and measured.
+  so a model too big to train here can still be compiled and measured. ``model`` trains that
+  Flax module instead of the config's (``trainer.setup``).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from atac_train import parallel, trainer  # pylint: disable=g-import-not-at-top
-  s = trainer.setup(config, devices=_devices(num_devices))
+  s = trainer.setup(config, devices=_devices(num_devices), model=model)
   batch_shape = (config.global_batch_size, *s.info.image_shape)
   if compile_only:
     state = s.abstract_state
@@ -189,7 +197,9 @@ def build_step(config, *, num_devices: int = 1, name: str = "",
                     output_bytes=int(memory.output_size_in_bytes))
   if not compile_only:
     bench.run(1)  # first-run allocations; not recorded
+    bench.first_loss = float(bench.last_metrics["loss"])
     bench.times.clear()
+    bench.cpu_times.clear()
   return bench
 
 
@@ -201,6 +211,24 @@ def bench_train(config, *, steps: int = 10, num_devices: int = 1) -> dict[str, A
   bench = build_step(config, num_devices=num_devices, compile_only=steps <= 0)
   bench.run(steps)
   return bench.summary()
+
+
+def alternate(benches: Sequence[StepBench], *, rounds: int, steps: int) -> None:
+  """Runs ``steps`` steps of each bench per round, the first one rotating every round (with
+  two: A, B, then B, A), so that drift and load from other processes hit all alike."""
+  for i in range(rounds):
+    for j in range(len(benches)):
+      benches[(i + j) % len(benches)].run(steps)
+
+
+def per_round_ratios(times_a: Sequence[float], times_b: Sequence[float], *,
+                     steps: int) -> list[float]:
+  """Per round of ``steps`` steps, the median of A's times over the median of B's (robust when
+  the machine's load changes between rounds)."""
+  if steps < 1:
+    return []
+  return [statistics.median(times_a[i:i + steps]) / statistics.median(times_b[i:i + steps])
+          for i in range(0, min(len(times_a), len(times_b)) // steps * steps, steps)]
 
 
 def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
@@ -217,14 +245,9 @@ def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
   timed = steps > 0 and rounds > 0
   a = build_step(config_a, num_devices=num_devices, name="a", compile_only=not timed)
   b = build_step(config_b, num_devices=num_devices, name="b", compile_only=not timed)
-  for i in range(rounds if timed else 0):
-    for bench in ((a, b) if i % 2 == 0 else (b, a)):
-      bench.run(steps)
+  alternate([a, b], rounds=rounds if timed else 0, steps=steps)
   sa, sb = a.summary(), b.summary()
-  # Ratio of per-round medians too: robust when the machine's load changes between rounds.
-  per_round = [statistics.median(a.times[i * steps:(i + 1) * steps])
-               / statistics.median(b.times[i * steps:(i + 1) * steps])
-               for i in range(rounds if timed else 0)]
+  per_round = per_round_ratios(a.times, b.times, steps=steps)
   return {"a": sa, "b": sb, "rounds": rounds, "steps_per_round": steps,
           "time_ratio": sa["step_seconds_median"] / sb["step_seconds_median"] if timed else None,
           "time_ratio_per_round": per_round,
@@ -356,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
   kern.add_argument("--out", default=None)
 
   base = sub.add_parser("baseline", help="this checkout's --act against another checkout's, "
-                        "and --compare, in one process (alternating rounds, a shared plain step)")
+                        "and --compare, in one process (alternating rounds of the train step)")
   base.add_argument("--checkout", required=True, metavar="DIR",
                     help="root of another checkout (e.g. `git worktree add DIR <commit>`)")
   base.add_argument("--model", default="cifar_resnet20")

@@ -47,7 +47,8 @@ class Setup:
 build_model = workdir_lib.build_model  # the one definition, shared with atac_jax.checkpoint
 
 
-def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None) -> Setup:
+def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None,
+          model: Any = None) -> Setup:
   """Validates the config against the devices and the data, and builds model, optimizer, mesh.
 
   Nothing is compiled or written: the model is only traced (``jax.eval_shape``).
@@ -55,6 +56,8 @@ def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None
   Args:
     config: the training config.
     devices: devices of the ``data`` mesh (default: all devices of all processes).
+    model: a Flax module to train instead of the config's (``atac-bench baseline`` passes another
+      checkout's); the config still names the data, optimizer and schedule.
 
   Raises:
     ConfigError: (or ValueError / FileNotFoundError from the data) naming the key, the value
@@ -75,7 +78,8 @@ def setup(config: ml_collections.ConfigDict, *, devices: list[Any] | None = None
     raise ConfigError(f"config.num_epochs={config.num_epochs!r} is not accepted: it makes 0 "
                       f"training steps ({steps_per_epoch} steps per epoch); accepted: at least "
                       f"{1 / steps_per_epoch:.3g}.")
-  model = build_model(config, num_classes=info.num_classes)
+  if model is None:
+    model = build_model(config, num_classes=info.num_classes)
   learning_rate_fn = optim.create_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                            num_epochs=config.num_epochs)
   tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
