@@ -65,6 +65,12 @@ def test_compare_checkouts_times_three_sides_of_the_same_step(capsys):
   expected = (sides["atac@baseline"]["step_seconds_median"]
               / sides["atac"]["step_seconds_median"])
   assert record["speedup_vs_baseline"] == pytest.approx(expected)
+  # Two rounds: the bootstrap interval of the median of two ratios spans the two.
+  low, high = record["speedup_vs_baseline_ci95"]
+  assert record["speedup_vs_baseline_median_of_rounds"] == pytest.approx((low + high) / 2)
+  assert set(record["ratio_ci95"]) == {"atac", "atac@baseline"}
+  for side, (low, high) in record["ratio_ci95"].items():
+    assert low <= record["ratio_median_of_rounds"][side] <= high
   assert record["baseline"] == str(REPO / "atac_jax")
 
 

@@ -1,6 +1,7 @@
 """atac-bench: the CLI prints valid JSON with the documented keys (tiny configs, no timing checks)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -46,7 +47,29 @@ def test_compare_alternates_and_prints_ratios(capsys, tmp_path):
   assert record["temp_bytes_ratio"] == pytest.approx(record["a"]["temp_bytes"]
                                                      / record["b"]["temp_bytes"])
   assert len(record["time_ratio_per_round"]) == 2
+  # The bootstrap median of two values is one of them or their mean: the interval spans both.
+  assert record["time_ratio_ci95"] == pytest.approx(sorted(record["time_ratio_per_round"]))
   assert json.loads(out.read_text()) == record
+
+
+@pytest.mark.parametrize("n, low_rank, high_rank", [(7, 2, 6), (11, 3, 9)])
+def test_median_interval_matches_the_exact_bootstrap_distribution(n, low_rank, high_rank):
+  """For n distinct values the bootstrap median is <= the k-th smallest when at least
+  (n + 1) / 2 of n draws are: a binomial tail with p = k / n. The interval's ends are the
+  values at which that CDF first reaches 2.5% and 97.5% (ranks chosen far from both)."""
+  values = [1.0 + 0.01 * i * i for i in range(n)]
+  cdf = [sum(math.comb(n, j) * (k / n) ** j * (1 - k / n) ** (n - j)
+             for j in range((n + 1) // 2, n + 1)) for k in range(1, n + 1)]
+  exact = [next(k for k in range(1, n + 1) if cdf[k - 1] >= q) for q in (0.025, 0.975)]
+  assert exact == [low_rank, high_rank]
+  shuffled = values[::2] + values[1::2]
+  assert bench.median_interval(shuffled) == pytest.approx(
+      [values[low_rank - 1], values[high_rank - 1]])
+
+
+def test_median_interval_edge_cases():
+  assert bench.median_interval([1.2]) is None and bench.median_interval([]) is None
+  assert bench.median_interval([1.2, 1.2, 1.2]) == pytest.approx([1.2, 1.2])
 
 
 def test_activation_options_reach_the_model_config():

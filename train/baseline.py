@@ -86,7 +86,8 @@ def compare_checkouts(checkout: str | pathlib.Path, *, model: str = "cifar_resne
     One record: per side :meth:`~atac_train.bench.StepBench.summary` (median step time, process
     CPU time, temp bytes, first-step loss, ...); ``ratio`` (wall) and ``cpu_ratio`` of each side
     to ``compare``, their medians over rounds, and ``speedup_vs_baseline`` (the baseline's wall
-    time over this checkout's for ``act``).
+    time over this checkout's for ``act``); ``ratio_ci95`` and ``speedup_vs_baseline_ci95``
+    bound the medians of rounds (:func:`atac_train.bench.median_interval`).
 
   Raises:
     ValueError: bad counts, ``compare == act``, or a ``checkout`` without the package.
@@ -118,12 +119,19 @@ def compare_checkouts(checkout: str | pathlib.Path, *, model: str = "cifar_resne
 
   ratio, ratio_rounds = ratios(lambda s: s.times)
   cpu_ratio, cpu_rounds = ratios(lambda s: s.cpu_times)
+  ratio_ci = {s.name: bench.median_interval(bench.per_round_ratios(s.times, ref.times,
+                                                                   steps=steps))
+              for s in sides[1:]}
+  speedup_rounds = bench.per_round_ratios(sides[2].times, sides[1].times, steps=steps)
   return {
       "model": model, "act": act, "compare": compare, "batch": batch, "rounds": rounds,
       "steps_per_round": steps, "baseline": package.__baseline_source__,
       "sides": {s.name: s.summary() for s in sides},
       "ratio": ratio, "ratio_median_of_rounds": ratio_rounds,
+      "ratio_ci95": ratio_ci,
       "cpu_ratio": cpu_ratio, "cpu_ratio_median_of_rounds": cpu_rounds,
       "speedup_vs_baseline": (statistics.median(sides[2].times)
                               / statistics.median(sides[1].times)),
+      "speedup_vs_baseline_median_of_rounds": statistics.median(speedup_rounds),
+      "speedup_vs_baseline_ci95": bench.median_interval(speedup_rounds),
   }

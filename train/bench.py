@@ -231,6 +231,25 @@ def per_round_ratios(times_a: Sequence[float], times_b: Sequence[float], *,
           for i in range(0, min(len(times_a), len(times_b)) // steps * steps, steps)]
 
 
+def median_interval(values: Sequence[float], *, confidence: float = 0.95,
+                    resamples: int = 4000, seed: int = 0) -> list[float] | None:
+  """A percentile-bootstrap confidence interval ``[low, high]`` for the median of ``values``.
+
+  For per-round ratios: how far the median of rounds could move if the run were repeated
+  under the same drift. It does not cover what changes between runs or hosts (another day's
+  machine), so compare two codes inside one run. None for fewer than two values.
+  """
+  if len(values) < 2:
+    return None
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  result = stats.bootstrap((np.asarray(values, dtype=np.float64),), np.median,
+                           confidence_level=confidence, n_resamples=resamples,
+                           method="percentile", rng=np.random.default_rng(seed))
+  interval = result.confidence_interval
+  return [float(interval.low), float(interval.high)]
+
+
 def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
             num_devices: int = 1) -> dict[str, Any]:
   """Times two train steps in alternating rounds (A, B, A, B, ...) in one process.
@@ -240,7 +259,8 @@ def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
 
   Returns:
     ``{'a': summary_a, 'b': summary_b, 'time_ratio': median_a / median_b,
-    'temp_bytes_ratio': temp_a / temp_b, ...}``.
+    'time_ratio_median_of_rounds': ..., 'time_ratio_ci95': [low, high] (of the median of
+    rounds, :func:`median_interval`), 'temp_bytes_ratio': temp_a / temp_b, ...}``.
   """
   timed = steps > 0 and rounds > 0
   a = build_step(config_a, num_devices=num_devices, name="a", compile_only=not timed)
@@ -252,6 +272,7 @@ def compare(config_a, config_b, *, steps: int = 10, rounds: int = 5,
           "time_ratio": sa["step_seconds_median"] / sb["step_seconds_median"] if timed else None,
           "time_ratio_per_round": per_round,
           "time_ratio_median_of_rounds": statistics.median(per_round) if timed else None,
+          "time_ratio_ci95": median_interval(per_round),
           "temp_bytes_ratio": sa["temp_bytes"] / sb["temp_bytes"],
           "images_per_second_a": sa["images_per_second"],
           "images_per_second_b": sb["images_per_second"]}
