@@ -111,25 +111,25 @@ def compare_checkouts(checkout: str | pathlib.Path, *, model: str = "cifar_resne
   ref = sides[0]
 
   def ratios(times: Callable[[bench.StepBench], list[float]]) -> tuple[dict, dict]:
+    """Each side's overall median ratio to ``ref`` and its per-round ratios."""
     median = {s.name: statistics.median(times(s)) / statistics.median(times(ref)) for s in sides}
-    per_round = {s.name: statistics.median(bench.per_round_ratios(times(s), times(ref),
-                                                                  steps=steps))
-                 for s in sides}
-    return median, per_round
+    rounds_ = {s.name: bench.per_round_ratios(times(s), times(ref), steps=steps) for s in sides}
+    return median, rounds_
 
-  ratio, ratio_rounds = ratios(lambda s: s.times)
+  def medians(per_round: dict) -> dict:
+    return {name: statistics.median(values) for name, values in per_round.items()}
+
+  ratio, wall_rounds = ratios(lambda s: s.times)
   cpu_ratio, cpu_rounds = ratios(lambda s: s.cpu_times)
-  ratio_ci = {s.name: bench.median_interval(bench.per_round_ratios(s.times, ref.times,
-                                                                   steps=steps))
-              for s in sides[1:]}
+  ratio_ci = {s.name: bench.median_interval(wall_rounds[s.name]) for s in sides[1:]}
   speedup_rounds = bench.per_round_ratios(sides[2].times, sides[1].times, steps=steps)
   return {
       "model": model, "act": act, "compare": compare, "batch": batch, "rounds": rounds,
       "steps_per_round": steps, "baseline": package.__baseline_source__,
       "sides": {s.name: s.summary() for s in sides},
-      "ratio": ratio, "ratio_median_of_rounds": ratio_rounds,
+      "ratio": ratio, "ratio_median_of_rounds": medians(wall_rounds),
       "ratio_ci95": ratio_ci,
-      "cpu_ratio": cpu_ratio, "cpu_ratio_median_of_rounds": cpu_rounds,
+      "cpu_ratio": cpu_ratio, "cpu_ratio_median_of_rounds": medians(cpu_rounds),
       "speedup_vs_baseline": (statistics.median(sides[2].times)
                               / statistics.median(sides[1].times)),
       "speedup_vs_baseline_median_of_rounds": statistics.median(speedup_rounds),
