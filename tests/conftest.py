@@ -1,5 +1,6 @@
 """Test session set-up: 8 fake CPU devices (for the sharding tests), before JAX starts."""
 
+import contextlib
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -101,3 +102,19 @@ def randomize(variables, seed):
     return jnp.asarray(rng.normal(0, 0.5, leaf.shape), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+@contextlib.contextmanager
+def batch_on_one_device(one: bool = True):
+  """Traces inside as a step whose batch lies on one device (a ``data_parallel`` declaration
+  over a one-device mesh: the CPU's ``"scalar"`` tie); with ``one`` False, undeclared among the
+  session's 8 devices (the ``"zeros"`` tie)."""
+  if not one:
+    yield
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from atac_jax import ops  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  with ops.pallas_backward.data_parallel(mesh, ("data",)):
+    yield

@@ -12,7 +12,7 @@ import pytest
 
 from atac_jax import ops
 from atac_jax.layers import ATAC, BatchNormVariables
-from conftest import randomize
+from conftest import batch_on_one_device, randomize
 
 MOMENTUM, EPS = 0.9, 1e-5
 
@@ -313,7 +313,8 @@ def test_fused_batch_norm_bfloat16_close_to_unfused(platform):
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 0.03 * scale
 
 
-def test_fused_batch_norm_keeps_only_its_input():
+@pytest.mark.parametrize("one_device", [False, True])  # the CPU's "zeros" and "scalar" ties
+def test_fused_batch_norm_keeps_only_its_input(one_device):
   """A chain of BN -> ATAC -> conv: fusing saves one activation-sized buffer per pair."""
   shape, depth = (16, 16, 16, 32), 4
 
@@ -334,7 +335,8 @@ def test_fused_batch_norm_keeps_only_its_input():
     variables = model.init(jax.random.key(0), x)
     loss = lambda p, v=variables, m=model: jnp.sum(m.apply(
         {"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])[0] ** 2)
-    compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+    with batch_on_one_device(one_device):
+      compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
     temp[fused] = compiled.memory_analysis().temp_size_in_bytes
   activation = 4 * int(np.prod(shape))
   assert temp[True] <= temp[False] - (depth - 1) * activation, (temp, activation)

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from atac_jax import ops
 from atac_jax.layers import ATAC
+from conftest import batch_on_one_device
 
 SHAPE = (8, 8, 8, 32)  # activation-sized = 16384 elements; the bottleneck (r = 2) has half that
 
@@ -134,10 +136,17 @@ def _grad_temp_bytes(memory_lean: bool, depth: int = 4) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_memory_lean_backward_keeps_only_the_inputs():
-  """Per unit the lean gradient keeps its input; plain autodiff keeps several more buffers."""
+@pytest.mark.parametrize("one_device", [False, True])
+def test_memory_lean_backward_keeps_only_the_inputs(one_device):
+  """Per unit the lean gradient keeps its input; plain autodiff keeps several more buffers.
+
+  Under both CPU ties: ``"scalar"`` (the batch on one device) leaves the input untied, so the
+  input's batch mean is tied instead, else XLA:CPU computes the centred input early.
+  """
   activation = 4 * SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3]
-  lean, plain = _grad_temp_bytes(True), _grad_temp_bytes(False)
+  with batch_on_one_device(one_device):
+    assert ops.lean._tie_mode() == ("scalar" if one_device else "zeros")
+    lean, plain = _grad_temp_bytes(True), _grad_temp_bytes(False)
   assert lean < 0.7 * plain, (lean, plain)
   # 4 unit inputs (x of unit 1 is an argument, so 3 are temporaries) plus a working set of a
   # few activation-sized buffers for one unit's backward pass.

@@ -11,6 +11,7 @@ from jax.test_util import check_grads
 
 from atac_jax import ops
 from atac_jax.ops import Affine, GateParams, GateStats, Moments, Projection
+from conftest import batch_on_one_device
 
 C, K = 6, 3
 EPS = 1e-5
@@ -222,6 +223,69 @@ def test_policy_choices_give_equal_results(platform, shape):
                                            inner_relu=True, dtype=jnp.float64, impl="lean")
   with ops.policy.lowering_platform(platform):
     check_grads(fused, (x, norm, p), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_tie_mode_follows_where_the_batch_lies(monkeypatch):
+  """CPU: the scalar tie where the batch lies on one device, else element-wise zeros (no
+  collective); TPU and GPU: the optimisation barrier. Resolved when the op is traced."""
+  config = lambda: ops.lean._config(EPS, True, "xla").tie
+  assert jax.device_count() == 8 and config() == "zeros"  # undeclared, several devices
+  with batch_on_one_device():
+    assert config() == "scalar"
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  with ops.pallas_backward.data_parallel(mesh, ("data",)):
+    assert not ops.pallas_backward.batch_on_one_device() and config() == "zeros"
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert ops.pallas_backward.batch_on_one_device() and config() == "scalar"
+  for platform in ("tpu", "gpu"):
+    with ops.policy.lowering_platform(platform):
+      assert config() == "barrier"
+
+
+@pytest.mark.parametrize("tie", ops.lean.TIES)
+def test_lean_gradients_equal_under_each_tie(tie, monkeypatch):
+  """Each tie only orders the computation: the same gradients as plain autodiff of the
+  reference, for the gate in training and inference and for the fused BatchNorm."""
+  one_device = tie == "scalar"
+  if not one_device:
+    monkeypatch.setitem(ops.policy._CHOICES["tie"], "cpu", tie)
+  p, x = _params(jax.random.PRNGKey(11), bias=True), _x((2, 3, 4, C))
+  norm = Affine(jnp.linspace(0.5, 1.5, C), jnp.linspace(-0.2, 0.2, C))
+  running = GateStats(Moments(jnp.full((K,), 0.3), jnp.full((K,), 2.0)),
+                      Moments(jnp.full((C,), -0.1), jnp.full((C,), 0.5)))
+  weights = jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
+
+  def losses(impl):
+    def train(x, p):
+      return jnp.sum(ops.gate(x, p, epsilon=EPS, inner_relu=True, impl=impl)[0] * weights)
+
+    def infer(x, p):
+      gate = ops.lean.gate if impl == "lean" else ops.reference.gate
+      return jnp.sum(gate(x, p, running, epsilon=EPS, inner_relu=True) * weights)
+
+    def fused(x, norm, p):
+      y, m, _ = ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS, inner_relu=True,
+                              dtype=jnp.float64, impl=impl)
+      return jnp.sum(y * weights) + jnp.sum(m.var)
+    return train, infer, fused
+
+  args = ((x, p), (x, p), (x, norm, p))
+  with batch_on_one_device(one_device):
+    assert ops.lean._tie_mode() == tie
+    got = [jax.grad(f, tuple(range(len(a))))(*a) for f, a in zip(losses("lean"), args)]
+    check_grads(losses("lean")[2], args[2], order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+  want = [jax.grad(f, tuple(range(len(a))))(*a) for f, a in zip(losses("reference"), args)]
+  chex.assert_trees_all_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_opaque_zero_is_zero_for_every_first_element():
+  for first in (2.5, -0.0, np.inf, -np.inf, np.nan):
+    a = jnp.array([first, 1.0, 2.0], jnp.float32)
+    zero = jax.jit(ops.reductions.opaque_zero)(a)
+    assert zero.dtype == jnp.float32 and zero.shape == () and float(zero) == 0.0
+  # Not folded to a constant: the compiled function still reads the array.
+  text = jax.jit(ops.reductions.opaque_zero).lower(jnp.ones((4, 3))).compile().as_text()
+  assert "is-finite" in text
 
 
 def test_contraction_forms_promote_mixed_dtypes_as_dot():

@@ -355,6 +355,13 @@ def batch_split_known() -> bool:
   return current_data_parallel() is not None or jax.device_count() == 1
 
 
+def batch_on_one_device() -> bool:
+  """Whether an op traced now sees a batch that lies on one device: a :func:`data_parallel`
+  declaration over one shard, or, without one, one device in the process's runtime."""
+  declared = current_data_parallel()
+  return shards(declared) == 1 if declared is not None else jax.device_count() == 1
+
+
 def _call(kernel, tiled, consts, outs, *, t: Tiling, accumulate: bool,
           parallel: Optional[DataParallel], **options):
   """:func:`_pallas`, per device with ``parallel`` (batch: axis 1 of ``tiled``)."""

@@ -142,6 +142,18 @@ def diagonal(square: jax.Array) -> jax.Array:
   return jnp.sum(square * jnp.eye(square.shape[0], dtype=square.dtype), axis=0)
 
 
+def opaque_zero(a: jax.Array) -> jax.Array:
+  """A float32 scalar zero that depends on ``a``'s first element (also where it is NaN or inf).
+
+  Added to the (small) operands of the backward pass's recomputation, it ties the recomputation
+  to the cotangent ``a`` without a pass over ``a`` (see :func:`opaque_zero_like`). Reading one
+  element of a batch-sharded array broadcasts it from one device (a collective), so this serves
+  where the batch lies on one device.
+  """
+  first = lax.stop_gradient(a.reshape(-1)[0]).astype(jnp.float32)
+  return jnp.where(jnp.isfinite(first), first * 0, 0)
+
+
 def opaque_zero_like(a: jax.Array) -> jax.Array:
   """Zeros shaped like ``a`` that XLA cannot fold away (also where ``a`` is NaN or inf).
 
