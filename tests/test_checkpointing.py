@@ -94,18 +94,16 @@ def test_sigkill_at_a_random_moment_resumes(trained_workdir, tmp_path):
   rng, longest = random.Random(), 2.0
   for attempt in range(6):
     workdir = tmp_path / f"try{attempt}"
+    run = command + ["--workdir", str(workdir)]
     delay = rng.uniform(0.0, longest)
-    if _kill_after_first_checkpoint(command + ["--workdir", str(workdir)], env, workdir,
-                                    delay=delay):
+    if _kill_after_first_checkpoint(run, env, workdir, delay=delay):
       break
     longest = delay / 2
   else:
     pytest.fail("the trainer finished each time before the kill")
-  command += ["--workdir", str(workdir)]
   steps_after_kill = checkpointing.Checkpointer(str(workdir)).all_steps()
   assert steps_after_kill, "the run was killed before its first checkpoint"
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   final = json.loads(result.stdout.strip().splitlines()[-1])
   assert final["step"] == 88
