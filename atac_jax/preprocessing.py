@@ -10,7 +10,9 @@ the checkpoint's config (``dataset.image_shape``, ``dataset.augment``, ``dataset
 >>> x = atac_jax.checkpoint.preprocess(images, config)   # uint8 (N, H, W, C) or encoded bytes
 >>> logits = model.apply(variables, x, train=False)
 
-The training pipeline (``atac_train.data``) uses the functions of this module for its eval path.
+The training pipeline (``atac_train.data``) uses the functions of this module for its eval path
+(decode, resize, centre crop on the host; the same normalisation, with the same float32 constants,
+inside the jitted eval step), so :func:`preprocess` gives bit-identical model inputs.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def eval_transform(image: ImageLike, *, kind: str, size: tuple[int, int],
 class Normalizer:
   """Maps a batch of pixels to float32 ``(x / max_value - mean) / std``.
 
+  Computed as ``(x - offset) * scale`` with float32 ``offset = mean * max_value`` and
+  ``scale = 1 / (max_value * std)``: a subtraction then a product, which no compiler fuses into
+  one FMA, so the training step's on-device normalisation
+  (``atac_train.data.device.DeviceTransform``, same constants) gives bit-identical inputs.
+
   Args:
     mean: per-channel mean of [0, 1] pixels.
     std: per-channel standard deviation of [0, 1] pixels.
@@ -87,13 +94,14 @@ class Normalizer:
   """
 
   def __init__(self, mean: np.ndarray, std: np.ndarray, *, max_value: float = 255.0):
-    self.scale = (1.0 / (max_value * np.asarray(std, np.float32))).astype(np.float32)
-    self.shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    self.offset = (mean * max_value).astype(np.float32)
+    self.scale = (1.0 / (max_value * std)).astype(np.float32)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Normalises a uint8 batch (B, H, W, C) to float32."""
-    out = np.multiply(images, self.scale, dtype=np.float32)
-    out += self.shift
+    out = np.subtract(images, self.offset, dtype=np.float32)
+    out *= self.scale
     return out
 
 

@@ -1,4 +1,5 @@
-"""Augmentations: shapes, dtypes, value ranges, determinism per seed, and reference behaviour."""
+"""Host augmentations: shapes, dtypes, value ranges, determinism per seed, and reference behaviour
+(the crop box sampled as before and, at DCT scale 1, the pixels of a full decode)."""
 
 import io
 
@@ -33,11 +34,16 @@ def test_train_shapes_ranges_determinism(kind, shape, size, channels):
   image = _image(shape)
   if kind == "digits":
     image = image % 17  # digits pixels are 0..16
-  outs = [fn(image, _rng(s)) for s in (0, 0, 1, 2)]
-  for out in outs:
+  examples = [fn(image, _rng(s)) for s in (0, 0, 1, 2)]
+  outs = [e["image"] for e in examples]
+  for example, out in zip(examples, outs):
     assert out.shape == (size, size, channels) and out.dtype == np.uint8
     if kind in ("none", "cifar", "digits"):  # Pixels are moved or zeroed, never changed.
       assert set(np.unique(out)) <= set(np.unique(image)) | {0}
+      assert set(example) == {"image"}
+    else:  # The colour draws travel to the device.
+      assert example["augment"].shape == (augment.NUM_PARAMS,)
+      assert example["augment"].dtype == np.float32
   np.testing.assert_array_equal(outs[0], outs[1])
   if kind != "none":
     assert any(not np.array_equal(outs[0], o) for o in outs[2:])
@@ -72,7 +78,7 @@ def test_cifar_flips_about_half_and_digits_never():
     rng = _rng(seed)
     dy, dx = rng.integers(-4, 5, size=2)
     crop = np.pad(image, ((4, 4), (4, 4), (0, 0)))[4 + dy:36 + dy, 4 + dx:36 + dx]
-    out = cifar(image, _rng(seed))
+    out = cifar(image, _rng(seed))["image"]
     flipped = rng.random() < 0.5
     np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
     flips += flipped
@@ -81,7 +87,7 @@ def test_cifar_flips_about_half_and_digits_never():
   digit = _image((8, 8, 1)) % 17
   fn = augment.train_augment("digits", size=8, channels=1)
   for seed in range(50):
-    out = fn(digit, _rng(seed))
+    out = fn(digit, _rng(seed))["image"]
     dy, dx = _rng(seed).integers(-1, 2, size=2)
     np.testing.assert_array_equal(out, np.pad(digit, ((1, 1), (1, 1), (0, 0)))[1 + dy:9 + dy,
                                                                               1 + dx:9 + dx])
@@ -110,25 +116,6 @@ def test_imagenet_eval_resizes_shorter_side_then_centre_crops():
   assert out[:, :100].max() == 0 and out[:, 124:].min() == 255
 
 
-def test_color_ops_stay_in_range_and_lighting_changes_colour():
-  image = _image((64, 64, 3))
-  jittered = augment.color_jitter(image, _rng(0), brightness=0.4, contrast=0.4, saturation=0.4)
-  lit = augment.pca_lighting(image, _rng(0), std=0.1)
-  for out in (jittered, lit):
-    assert out.dtype == np.uint8 and out.shape == image.shape
-  assert not np.array_equal(lit, image)
-  # Strengths of 0 make every factor exactly 1: the image is unchanged.
-  gray = augment.color_jitter(image[..., :1], _rng(0), brightness=0.0, contrast=0.0,
-                              saturation=0.0)
-  np.testing.assert_array_equal(gray, image[..., :1])
-
-
-def test_rotation_keeps_size_and_blackens_corners():
-  image = np.full((128, 128, 3), 200, np.uint8)
-  out = augment.random_rotate(image, _rng(3), degrees=20.0)
-  assert out.shape == image.shape and out[0, 0].max() == 0 and out[64, 64].min() == 200
-
-
 def test_decode_encoded_bytes():
   image = _image((20, 30, 3))
   buf = io.BytesIO()
@@ -137,7 +124,9 @@ def test_decode_encoded_bytes():
   gray = augment.decode(buf.getvalue(), 1)
   assert gray.shape == (20, 30, 1)
   fn = augment.train_augment("imagenet", size=16, channels=3)
-  np.testing.assert_array_equal(fn(buf.getvalue(), _rng(5)), fn(image, _rng(5)))
+  from_bytes, from_array = fn(buf.getvalue(), _rng(5)), fn(image, _rng(5))
+  for key in ("image", "augment"):
+    np.testing.assert_array_equal(from_bytes[key], from_array[key])
 
 
 def test_normalizer_matches_formula():
@@ -153,3 +142,84 @@ def test_normalizer_matches_formula():
 def test_unknown_augmentation():
   with pytest.raises(ValueError, match=r"accepted: \['none', 'cifar'"):
     augment.train_augment("randaugment", size=32, channels=3)
+
+
+def _jpeg(shape, seed=0, quality=90):
+  """A smooth random image (like a photo, so JPEG keeps its detail) and its JPEG bytes."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (shape[0] // 16 + 2, shape[1] // 16 + 2, 3), dtype=np.uint8)
+  image = np.asarray(Image.fromarray(coarse).resize((shape[1], shape[0]), Image.BICUBIC))
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _full_decode_crop(jpeg, rng, *, size, scale=(0.08, 1.0)):
+  """The recipe before decode-less: decode everything, then resize the `crop_box` box."""
+  full = augment.decode(jpeg, 3)
+  top, left, h, w = augment.crop_box(full.shape[0], full.shape[1], rng, scale=scale,
+                                     ratio=(3 / 4, 4 / 3))
+  img = Image.fromarray(full).resize((size, size), Image.BILINEAR,
+                                     box=(left, top, left + w, top + h))
+  return np.asarray(img), (top, left, h, w)
+
+
+def test_decode_less_crop_samples_the_same_box_and_pixels_at_full_scale():
+  jpeg = _jpeg((375, 500))
+  for seed in range(30):
+    rng, ref_rng = _rng(seed), _rng(seed)
+    out = augment.decode_resized_crop(jpeg, rng, size=224, channels=3)
+    expected, _ = _full_decode_crop(jpeg, ref_rng, size=224)
+    # A 375x500 image never has a 448-pixel crop: DCT scale 1, the same decoder, same pixels.
+    np.testing.assert_array_equal(out, expected)
+    assert rng.random() == ref_rng.random()  # and the generator advanced exactly as much
+
+
+def test_decode_less_crop_of_a_large_image_draws_the_same_boxes():
+  """Statistics of the boxes (area fraction, aspect) and the pixels of a reduced-scale decode."""
+  jpeg = _jpeg((1200, 1600))
+  areas, ratios, diffs, reduced = [], [], [], 0
+  for seed in range(40):
+    rng, ref_rng = _rng(seed), _rng(seed)
+    out = augment.decode_resized_crop(jpeg, rng, size=112, channels=3)
+    expected, (_, _, h, w) = _full_decode_crop(jpeg, ref_rng, size=112)
+    assert rng.random() == ref_rng.random()  # same draws, so the same boxes
+    areas.append(h * w / (1200 * 1600))
+    ratios.append(w / h)
+    reduced += min(h, w) >= 224  # decoded at 1/2 scale or less
+    diff = out.astype(int) - expected
+    # The DCT's downscaling filter is not PIL's triangle: small, unbiased differences that
+    # grow with the reduction (up to 1/8 here).
+    assert np.mean(np.abs(diff)) < 3.5 and abs(np.mean(diff)) < 0.2
+    diffs.append(np.mean(np.abs(diff)))
+  assert reduced >= 10 and np.mean(diffs) < 2.5
+  assert 0.07 < min(areas) and max(areas) <= 1.0 and 0.74 < min(ratios) and max(ratios) < 1.35
+
+
+def test_alexnet_host_half_matches_the_full_decode_recipe():
+  jpeg = _jpeg((300, 400))
+  fn = augment.train_augment("alexnet", size=128, channels=3)
+  for seed in range(10):
+    example = fn(jpeg, _rng(seed))
+    rng = _rng(seed)
+    factors, order = augment.jitter_factors(rng, channels=3, strength=0.2)
+    resized = augment.resize_shorter(augment.decode(jpeg, 3), 130)
+    top, left, h, w = augment.crop_box(130, 173, rng, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))
+    crop = np.asarray(Image.fromarray(resized).resize((128, 128), Image.BILINEAR,
+                                                      box=(left, top, left + w, top + h)))
+    crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+    angle = rng.uniform(-20.0, 20.0)
+    # 300x400 -> 130x173 decodes at 1/2 scale (150x200): within JPEG-scaling tolerance.
+    assert np.mean(np.abs(example["image"].astype(int) - crop)) < 2.0
+    np.testing.assert_allclose(example["augment"][augment.FACTORS], factors)
+    np.testing.assert_array_equal(example["augment"][augment.ORDER], order)
+    np.testing.assert_allclose(example["augment"][augment.ANGLE], angle, rtol=1e-6)
+
+
+def test_jitter_factor_draws():
+  factors, order = augment.jitter_factors(_rng(0), channels=3, strength=0.4)
+  rng = _rng(0)
+  np.testing.assert_allclose(factors, [rng.uniform(0.6, 1.4) for _ in range(3)], rtol=1e-6)
+  np.testing.assert_array_equal(order, rng.permutation(3))
+  gray_factors, gray_order = augment.jitter_factors(_rng(0), channels=1, strength=0.4)
+  assert gray_factors[2] == 1.0 and gray_order[2] == 2 and sorted(gray_order[:2]) == [0, 1]

@@ -14,6 +14,7 @@ from PIL import Image
 from atac_jax import checkpoint
 from atac_train import data
 from atac_train.data import sources
+from atac_train.data.device import DeviceTransform
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,9 @@ def test_load_evaluates_to_the_training_runs_last_eval(trained_workdir):
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   split = next(iter(data.create_eval_iterable(ConfigDict(config["dataset"]),
                                               global_batch_size=360)))
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, split["image"])
+  normalize = DeviceTransform.from_info(data.get_info(ConfigDict(config["dataset"]))).normalize
+  logits = jax.jit(lambda v, x: model.apply(v, normalize(x), train=False))(variables,
+                                                                          split["image"])
   correct = int(jnp.sum(jnp.argmax(logits, -1) == split["label"]))
   assert correct / 360 == reference["eval/accuracy"]
 
@@ -87,7 +90,8 @@ def test_preprocess_gives_exactly_the_eval_inputs(trained_workdir):
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   batch = next(iter(data.create_eval_iterable(ConfigDict(config["dataset"]),
                                               global_batch_size=360)))
-  np.testing.assert_array_equal(x, batch["image"])
+  transform = DeviceTransform.from_info(data.get_info(ConfigDict(config["dataset"])))
+  np.testing.assert_array_equal(x, transform.normalize(batch["image"]))  # uint8 -> normalised
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert int(np.sum(np.argmax(logits, -1) == labels)) / 360 == reference["eval/accuracy"]
   # One image, as an array or as PNG bytes, gives the same row.

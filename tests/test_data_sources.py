@@ -21,7 +21,8 @@ def test_default_config_is_the_offline_digits_quickstart():
       "digits", "sklearn", "train", "test")
   info = data.get_info(config)
   assert info == data.DatasetInfo(num_classes=10, image_shape=(8, 8, 1), num_train=1437,
-                                  num_eval=360, max_value=16.0)
+                                  num_eval=360, max_value=16.0, augment="none",
+                                  mean=(0.3053,), std=(0.3760,))
 
 
 def test_digits_fixed_stratified_split():
@@ -115,7 +116,8 @@ def test_tfds_under_mock_data():
     config = _config(name="cifar100", source="tfds", augment="cifar")
     info = data.get_info(config)
     assert info == data.DatasetInfo(num_classes=100, image_shape=(32, 32, 3), num_train=12,
-                                    num_eval=12)
+                                    num_eval=12, augment="cifar", mean=config_lib.CIFAR_MEAN,
+                                    std=config_lib.CIFAR_STD)
     coarse = sources.open_source(_config(**{**config.to_dict(), "label_mode": "coarse"}),
                                  "train")
     assert coarse.num_classes == 20 and 0 <= coarse[3]["label"] < 20
@@ -123,7 +125,7 @@ def test_tfds_under_mock_data():
     record = fine[3]
     assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
     batch = next(data.create_train_iterator(config, global_batch_size=4, seed=0))
-    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["label"].max() < 100
     evals = list(data.create_eval_iterable(config, global_batch_size=5))
     assert [b["mask"].sum() for b in evals] == [5, 5, 2]

@@ -18,13 +18,12 @@ def _indexed(n):
   return sources.ArraySource(images, np.arange(n), num_classes=n)
 
 
-_NORM = augment.Normalizer(np.array([0.0]), np.array([1.0]))
 _NONE = augment.train_augment("none", size=2, channels=1)
 
 
 def _train(n, *, batch, seed=0, index=0, count=1):
   return pipeline.build_train_iterator(
-      _indexed(n), augment=_NONE, normalizer=_NORM, global_batch_size=batch, seed=seed,
+      _indexed(n), augment=_NONE, global_batch_size=batch, seed=seed,
       process_index=index, process_count=count)
 
 
@@ -70,7 +69,7 @@ def test_train_batches_typed_and_deterministic_per_seed():
   a = list(itertools.islice(data.create_train_iterator(config, global_batch_size=32, seed=1), 3))
   b = list(itertools.islice(data.create_train_iterator(config, global_batch_size=32, seed=1), 3))
   c = next(data.create_train_iterator(config, global_batch_size=32, seed=2))
-  assert a[0]["image"].shape == (32, 8, 8, 1) and a[0]["image"].dtype == np.float32
+  assert a[0]["image"].shape == (32, 8, 8, 1) and a[0]["image"].dtype == np.uint8
   assert a[0]["label"].shape == (32,) and a[0]["label"].dtype == np.int32
   assert all(_same(x, y) for x, y in zip(a, b))
   assert not _same(a[0], c)
@@ -105,7 +104,7 @@ def test_eval_counts_every_example_once_over_processes():
   n, batch, count = 100, 12, 3
   outputs = [list(pipeline.build_eval_iterable(
       _indexed(n), preprocess=augment.eval_preprocess("none", size=2, channels=1),
-      normalizer=augment.Normalizer(np.array([0.5]), np.array([0.25])), image_shape=(2, 2, 1),
+      image_shape=(2, 2, 1),
       global_batch_size=batch, process_index=p, process_count=count)) for p in range(count)]
   assert [len(o) for o in outputs] == [9, 9, 9]  # ceil(100 / 12) batches on every process
   real, pads = [], 0
@@ -115,9 +114,9 @@ def test_eval_counts_every_example_once_over_processes():
       real += b["label"][b["mask"]].tolist()
       pads += int((~b["mask"]).sum())
       assert np.all(b["image"][~b["mask"]] == 0) and np.all(b["label"][~b["mask"]] == 0)
-      # Real rows are normalised: (x / 255 - 0.5) / 0.25 with x = index.
-      np.testing.assert_allclose(b["image"][b["mask"], 0, 0, 0],
-                                 (b["label"][b["mask"]] / 255 - 0.5) / 0.25, rtol=1e-5)
+      # Real rows are the uint8 pixels, which encode the index.
+      assert b["image"].dtype == np.uint8
+      np.testing.assert_array_equal(b["image"][b["mask"], 0, 0, 0], b["label"][b["mask"]] % 251)
   assert sorted(real) == list(range(n)) and pads == 9 * batch - n
   # Global batch k holds examples k*B .. k*B+B-1, process p its p-th quarter.
   assert outputs[1][0]["label"].tolist() == [4, 5, 6, 7]
@@ -166,9 +165,38 @@ def test_bad_batch_or_process_arguments(batch, index, count, match):
                                process_count=count)
 
 
-@pytest.mark.parametrize("kind,shape", [("cifar", (32, 32, 3)), ("imagenet", (224, 224, 3))])
-def test_input_benchmark_runs(kind, shape):
+@pytest.mark.parametrize("kind,shape,extra", [("cifar", (32, 32, 3), 4),
+                                              ("imagenet", (224, 224, 3), 4 + 40),
+                                              ("alexnet", (128, 128, 3), 4 + 40)])
+def test_input_benchmark_runs(kind, shape, extra):
   result = benchmark.benchmark_input(kind, num_batches=2, batch_size=4)
   assert result["images_per_second"] > 0 and tuple(result["image_shape"]) == shape
-  with pytest.raises(ValueError, match=r"accepted: \['cifar', 'imagenet'\]"):
+  # uint8 pixels, an int32 label and (with device augmentation) 10 float32 draws per image.
+  assert result["bytes_per_image"] == np.prod(shape) + extra
+  with pytest.raises(ValueError, match=r"accepted: \['cifar', 'imagenet', 'alexnet'\]"):
     benchmark.benchmark_input("coco")
+
+
+def test_imagenet_global_batch_is_the_same_whatever_the_process_count():
+  """Crops and colour draws depend on the example's position in the global stream only."""
+  jpegs = benchmark.synthetic_jpegs(3, seed=0)
+  source = [{"image": jpegs[i % 3], "label": i} for i in range(16)]  # label = position
+
+  def global_batches(count):
+    iterators = [pipeline.build_train_iterator(
+        source, augment=augment.train_augment("imagenet", size=32, channels=3),
+        global_batch_size=8, seed=4, process_index=p, process_count=count)
+        for p in range(count)]
+    batches = []
+    for _ in range(3):
+      parts = [next(it) for it in iterators]
+      merged = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+      order = np.argsort(merged["label"])
+      batches.append({k: v[order] for k, v in merged.items()})
+    return batches
+
+  single, double = global_batches(1), global_batches(2)
+  for one, two in zip(single, double):
+    assert one["image"].dtype == np.uint8 and one["augment"].dtype == np.float32
+    assert _same(one, two)
+  assert not np.array_equal(single[0]["augment"], single[1]["augment"])

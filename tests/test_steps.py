@@ -1,11 +1,15 @@
-"""Train/eval step pieces: mixup, label smoothing, masked eval sums."""
+"""Train/eval step pieces: mixup, label smoothing, masked eval sums, device-side input."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from atac_train import steps
+from atac_train.data import device
+from atac_train.data.config import DatasetInfo
+from atac_train.state import create_train_state
 
 
 def test_mixup_is_a_convex_combination_with_one_lambda():
@@ -43,3 +47,38 @@ def test_eval_step_masks_padding():
 def test_label_smoothing_targets():
   smoothed = optax.smooth_labels(jax.nn.one_hot(jnp.array([1]), 4), 0.1)
   np.testing.assert_allclose(smoothed, [[0.025, 0.925, 0.025, 0.025]], rtol=1e-6)
+
+
+class _Linear(nn.Module):
+  @nn.compact
+  def __call__(self, x, train):
+    del train
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_steps_finish_the_input_recipe_on_the_device():
+  """uint8 batch + draws through the step's transform == the transformed floats without one."""
+  info = DatasetInfo(num_classes=3, image_shape=(8, 8, 3), num_train=4, num_eval=4,
+                     augment="alexnet", mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+  transform = device.DeviceTransform.from_info(info)
+  assert transform.rotate and transform.max_value == 255.0
+  batch = device.example_batch(info, 4, seed=1)
+  state = create_train_state(jax.random.key(0), model=_Linear(), tx=optax.sgd(0.1),
+                             image_shape=info.image_shape)
+  options = dict(base_rng=jax.random.key(1), num_classes=3, learning_rate_fn=lambda _: 0.1,
+                 mixup_alpha=0.4)
+  on_device, metrics = steps.train_step(state, batch, transform=transform, **options)
+  floats = {"image": transform(batch), "label": batch["label"]}
+  assert floats["image"].dtype == jnp.float32
+  reference, expected = steps.train_step(state, floats, **options)
+  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), on_device.params,
+               reference.params)
+  # Eval: uint8 images are only normalised.
+  eval_batch = {"image": batch["image"], "label": batch["label"], "mask": np.ones(4, bool)}
+  variables = {"params": state.params}
+  sums = steps.eval_step(variables, eval_batch, apply_fn=state.apply_fn, num_classes=3,
+                         transform=transform)
+  normalised = {**eval_batch, "image": transform.normalize(batch["image"])}
+  expected_sums = steps.eval_step(variables, normalised, apply_fn=state.apply_fn, num_classes=3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), sums, expected_sums)

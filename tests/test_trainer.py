@@ -13,6 +13,7 @@ from atac_jax.layers import AReLU
 from conftest import small_quickstart_config
 from atac_train.configs import quickstart
 from atac_train import checkpointing, data, parallel, trainer
+from atac_train.data.device import DeviceTransform
 from atac_train.trainer import NonFiniteLossError
 
 
@@ -67,7 +68,8 @@ def test_eval_counts_every_example_once(num_devices):
   # Independent expectation: the whole split in one unsharded, unpadded forward pass.
   full = next(iter(data.create_eval_iterable(config.dataset, global_batch_size=360)))
   assert full["mask"].all()
-  logits = np.asarray(s.model.apply(jax.device_get(variables), full["image"], train=False))
+  images = DeviceTransform.from_info(s.info).normalize(full["image"])  # eval images: uint8
+  logits = np.asarray(s.model.apply(jax.device_get(variables), images, train=False))
   np.testing.assert_allclose(result["eval/accuracy"], np.mean(logits.argmax(-1) == full["label"]))
   log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
                                                                                  keepdims=True)) \

@@ -16,6 +16,7 @@ from PIL import Image
 from atac_jax import checkpoint
 from atac_jax.layers import ATAC, SE, XUnit, get_activation
 from atac_train import data, trainer, viz
+from atac_train.data.device import DeviceTransform
 from conftest import check_png, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,7 +229,8 @@ def test_dataset_example_is_the_eval_input(loaded):
   dataset = ml_collections.ConfigDict(config["dataset"])
   batches = data.create_eval_iterable(dataset, global_batch_size=32)
   batch = next(b for k, b in enumerate(batches) if k == index // 32)
-  np.testing.assert_array_equal(example.image, batch["image"][index % 32])
+  normalize = DeviceTransform.from_info(data.get_info(dataset)).normalize  # eval images: uint8
+  np.testing.assert_array_equal(example.image, normalize(batch["image"])[index % 32])
   assert example.label == batch["label"][index % 32]
   assert example.display.min() >= 0.0 and example.display.max() <= 1.0
 

@@ -157,7 +157,6 @@ def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
     executable (``compiled.as_text()`` is the optimised HLO).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from atac_train import trainer  # pylint: disable=g-import-not-at-top
   check_batch(config.global_batch_size, topology)
   libtpu = require_libtpu()
@@ -168,8 +167,9 @@ def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
   state = jax.tree.map(lambda a, sh: struct(a.shape, a.dtype, sh), s.abstract_state,
                        s.state_sharding)
   n = config.global_batch_size
-  batch = {"image": struct((n, *s.info.image_shape), np.float32, s.batch_sharding),
-           "label": struct((n,), np.int32, s.batch_sharding)}
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
+  batch = {k: struct(shape, dtype, s.batch_sharding)
+           for k, (shape, dtype) in device.batch_shapes(s.info, n).items()}
   from atac_jax import ops  # pylint: disable=g-import-not-at-top
   with ops.policy.lowering_platform("tpu"):  # the ops' per-backend choices for the target
     lowered = train_step.lower(state, batch)

@@ -171,19 +171,17 @@ def build_step(config, *, num_devices: int = 1, name: str = "",
   Flax module instead of the config's (``trainer.setup``).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from atac_train import parallel, trainer  # pylint: disable=g-import-not-at-top
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
   s = trainer.setup(config, devices=_devices(num_devices), model=model)
   batch_shape = (config.global_batch_size, *s.info.image_shape)
   if compile_only:
     state = s.abstract_state
-    batch = {"image": jax.ShapeDtypeStruct(batch_shape, np.float32),
-             "label": jax.ShapeDtypeStruct(batch_shape[:1], np.int32)}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype)
+             for k, (shape, dtype) in device.batch_shapes(s.info, batch_shape[0]).items()}
   else:
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
-    rng = np.random.default_rng(config.seed)
-    local = {"image": rng.standard_normal(batch_shape, dtype=np.float32),
-             "label": rng.integers(0, s.info.num_classes, batch_shape[:1]).astype(np.int32)}
+    local = device.example_batch(s.info, batch_shape[0], seed=config.seed)
     batch = parallel.global_batch(local, s.batch_sharding)
   train_step, _ = trainer.compile_steps(config, s)
   start = time.perf_counter()

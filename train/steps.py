@@ -1,4 +1,10 @@
-"""The jitted train and eval steps (pure functions of state and a global batch)."""
+"""The jitted train and eval steps (pure functions of state and a global batch).
+
+With a ``transform`` (`atac_train.data.device.DeviceTransform`) the batch holds the host
+pipeline's uint8 pixels and per-example ``augment`` draws, and the step finishes the input recipe
+(colour jitter, PCA lighting, rotation, normalisation) on the device; without one, ``image`` is
+the model input already.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from atac_train.data.device import DeviceTransform
 from atac_train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -27,15 +34,17 @@ def mixup(rng: jax.Array, images: jax.Array, targets: jax.Array, *, alpha: float
 
 def train_step(state: TrainState, batch: Batch, *, base_rng: jax.Array, num_classes: int,
                learning_rate_fn: optax.Schedule, label_smoothing: float = 0.0,
-               mixup_alpha: float = 0.0) -> tuple[TrainState, Metrics]:
+               mixup_alpha: float = 0.0, transform: DeviceTransform | None = None
+               ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a global batch; returns the new state and per-step metrics.
 
   Randomness (dropout, mixup) comes from ``fold_in(base_rng, step)``, so a resumed run draws the
-  same numbers as an uninterrupted one, on any device count.
+  same numbers as an uninterrupted one, on any device count; the input augmentation's draws come
+  with the batch (see the module docstring).
   """
   rng = jax.random.fold_in(base_rng, state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
-  images = batch["image"]
+  images = transform(batch) if transform is not None else batch["image"]
   targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), label_smoothing) \
       if label_smoothing else jax.nn.one_hot(batch["label"], num_classes)
   if mixup_alpha > 0:
@@ -57,9 +66,14 @@ def train_step(state: TrainState, batch: Batch, *, base_rng: jax.Array, num_clas
   return new_state, metrics
 
 
-def eval_step(variables: dict, batch: Batch, *, apply_fn: Any, num_classes: int) -> Metrics:
-  """Sums of loss and correct predictions over the rows of ``batch`` whose ``mask`` is True."""
-  logits = apply_fn(variables, batch["image"], train=False).astype(jnp.float32)
+def eval_step(variables: dict, batch: Batch, *, apply_fn: Any, num_classes: int,
+              transform: DeviceTransform | None = None) -> Metrics:
+  """Sums of loss and correct predictions over the rows of ``batch`` whose ``mask`` is True.
+
+  ``transform`` normalises uint8 images (no augmentation); None = ``image`` is the model input.
+  """
+  images = transform.normalize(batch["image"]) if transform is not None else batch["image"]
+  logits = apply_fn(variables, images, train=False).astype(jnp.float32)
   mask = batch["mask"].astype(jnp.float32)
   loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

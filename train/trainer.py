@@ -19,6 +19,7 @@ from atac_jax import ops
 from atac_jax import workdir as workdir_lib
 from atac_train import (checkpointing, data, interrupts, metrics, optim, parallel, resume, rundir,
                         steps, validation)
+from atac_train.data.device import DeviceTransform
 from atac_train.errors import ConfigError, NonFiniteLossError
 from atac_train.metrics import MetricWriter, Progress, Throughput
 from atac_train.state import TrainState, create_train_state
@@ -100,7 +101,8 @@ def compile_steps(config: ml_collections.ConfigDict, s: Setup):
   train_fn = functools.partial(
       steps.train_step, base_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
       num_classes=s.info.num_classes, learning_rate_fn=s.learning_rate_fn,
-      label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha)
+      label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha,
+      transform=DeviceTransform.from_info(s.info))
   train_step = jax.jit(_data_parallel(train_fn, s.mesh),
                        in_shardings=(s.state_sharding, s.batch_sharding),
                        out_shardings=(s.state_sharding, replicated), donate_argnums=0)
@@ -121,7 +123,8 @@ def compile_eval_step(s: Setup):
   """The jitted eval step over ``({'params', 'batch_stats'}, batch)``."""
   replicated = parallel.replicated(s.mesh)
   return jax.jit(functools.partial(steps.eval_step, apply_fn=s.model.apply,
-                                   num_classes=s.info.num_classes),
+                                   num_classes=s.info.num_classes,
+                                   transform=DeviceTransform.from_info(s.info)),
                  in_shardings=(replicated, s.batch_sharding), out_shardings=replicated)
 
 

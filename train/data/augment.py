@@ -1,21 +1,26 @@
-"""Per-example preprocessing in NumPy/PIL: training augmentations, eval resizing, normalisation.
+"""Per-example host preprocessing in NumPy/PIL: the geometric half of each training recipe.
 
 Augmentations take an image (uint8 (H, W, C) array, or encoded JPEG/PNG bytes) and a
 ``np.random.Generator`` (grain passes one per element, derived from the pipeline seed and the
-element's index) and return a uint8 (H, W, C) array in the same value range; every random choice
-comes from that generator, so the result is a function of (seed, index). Normalisation to float32
-happens once per batch (`Normalizer`). The eval-time steps (decode, resize, centre crop,
+element's index) and return ``{'image': uint8 (H, W, C)}``: decode (only what the crop needs),
+crop, resize, flip. Recipes with colour augmentation ('imagenet', 'alexnet') also return
+``'augment'``, a float32 vector of the per-example draws (`NUM_PARAMS` values, layout below) that
+:class:`atac_train.data.device.DeviceTransform` applies inside the jitted step together with the
+normalisation, so the host ships uint8 pixels (4x fewer bytes than float32). Every random
+choice comes from the generator, in the same order as when the whole recipe ran on the host, so
+the result is a function of (seed, index). The eval-time steps (decode, resize, centre crop,
 `Normalizer`) come from :mod:`atac_jax.preprocessing`, which reusers of a checkpoint call too.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from atac_jax import preprocessing
 # The eval-time functions live in the library (shared with atac_jax.checkpoint.preprocess).
@@ -24,14 +29,17 @@ from atac_jax.preprocessing import (  # noqa: F401  (re-exported)
 from atac_jax.preprocessing import from_pil as _from_pil
 from atac_jax.preprocessing import to_pil as _to_pil
 
-# AlexNet PCA lighting: eigenvalues/vectors of ImageNet RGB covariance (0..255 pixel scale).
-_PCA_EIGVAL = np.array([55.46, 4.794, 1.148], np.float32)
-_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                        [-0.5808, -0.0045, -0.8140],
-                        [-0.5836, -0.6948, 0.4203]], np.float32)
+# Layout of the per-example ``augment`` vector read by the device half of the recipe.
+FACTORS = slice(0, 3)  # brightness, contrast, saturation factors
+ORDER = slice(3, 6)  # op indices (0 brightness, 1 contrast, 2 saturation) in the order applied
+LIGHTING = slice(6, 9)  # PCA lighting coefficients (alpha ~ N(0, 0.1) per eigenvector)
+ANGLE = 9  # rotation in degrees, counter-clockwise ('alexnet')
+NUM_PARAMS = 10
+DEVICE_KINDS = ("imagenet", "alexnet")  # recipes whose examples carry an 'augment' vector
 
 ImageLike = preprocessing.ImageLike
-Augment = Callable[[ImageLike, np.random.Generator], np.ndarray]
+Example = dict[str, np.ndarray]
+Augment = Callable[[ImageLike, np.random.Generator], Example]
 Preprocess = Callable[[ImageLike], np.ndarray]
 
 
@@ -75,65 +83,118 @@ def crop_box(height: int, width: int, rng: np.random.Generator, *, scale: tuple[
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *, size: int,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """A `crop_box` crop resized (bilinear) to ``size`` x ``size`` in one PIL call."""
-  top, left, h, w = crop_box(image.shape[0], image.shape[1], rng, scale=scale, ratio=ratio)
-  img = _to_pil(image).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-  return _from_pil(img)
+def jitter_factors(rng: np.random.Generator, *, channels: int, strength: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Colour-jitter draws: factors from U[1-s, 1+s] and a random order of the ops.
 
-
-def color_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: float,
-                 contrast: float, saturation: float) -> np.ndarray:
-  """Brightness, contrast and saturation factors from U[1-s, 1+s], applied in random order.
-
-  Saturation is skipped for single-channel images.
+  The ops are brightness, contrast and saturation (saturation is skipped, factor 1, for single
+  channel images); returns ``(factors (3,), order (3,))``, applied by
+  :class:`atac_train.data.device.DeviceTransform`.
   """
-  ops = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast)]
-  if image.shape[-1] == 3:
-    ops.append((ImageEnhance.Color, saturation))
-  factors = [rng.uniform(1 - s, 1 + s) for _, s in ops]
-  img = _to_pil(image)
-  for i in rng.permutation(len(ops)):
-    img = ops[i][0](img).enhance(factors[i])
-  return _from_pil(img)
+  count = 3 if channels == 3 else 2
+  factors = [rng.uniform(1 - strength, 1 + strength) for _ in range(count)]
+  order = rng.permutation(count)
+  if count == 2:  # Saturation is an identity on gray pixels; it keeps the last slot.
+    factors, order = factors + [1.0], np.append(order, 2)
+  return np.asarray(factors, np.float32), order.astype(np.float32)
 
 
-def pca_lighting(image: np.ndarray, rng: np.random.Generator, *, std: float) -> np.ndarray:
-  """AlexNet PCA colour noise: adds eigvec @ (N(0, std) * eigval) to every RGB pixel."""
-  alpha = rng.normal(0.0, std, 3).astype(np.float32)
-  offset = _PCA_EIGVEC @ (alpha * _PCA_EIGVAL)
-  return np.clip(image + offset, 0, 255).astype(np.uint8)
+def _open(image: ImageLike, channels: int) -> Image.Image:
+  """A PIL image not decoded yet (for bytes), so `_draft` can still shrink the JPEG decode."""
+  if isinstance(image, (bytes, bytearray)):
+    return Image.open(io.BytesIO(image))
+  return _to_pil(decode(image, channels))
 
 
-def random_rotate(image: np.ndarray, rng: np.random.Generator, *, degrees: float) -> np.ndarray:
-  """Rotates by U[-degrees, degrees] (bilinear, black corners, same size)."""
-  angle = rng.uniform(-degrees, degrees)
-  return _from_pil(_to_pil(image).rotate(angle, resample=Image.BILINEAR))
+def _draft(img: Image.Image, need: tuple[float, float]) -> int:
+  """Lets a JPEG decode at 1/2, 1/4 or 1/8 scale when the image stays >= ``need`` (w, h) pixels.
+
+  Returns the DCT scale divisor (1 when nothing changed; other formats always decode in full).
+  """
+  width, height = img.size
+  request = (max(1, math.ceil(need[0])), max(1, math.ceil(need[1])))
+  if img.format != "JPEG" or min(width // request[0], height // request[1]) < 2:
+    return 1
+  drafted = img.draft(img.mode, request)
+  return 1 if drafted is None else round(width / drafted[1][2])
+
+
+def _mode(img: Image.Image, channels: int) -> Image.Image:
+  mode = "L" if channels == 1 else "RGB"
+  return img if img.mode == mode else img.convert(mode)
+
+
+def open_crop(image: ImageLike, rng: np.random.Generator, *, size: int, channels: int,
+              scale: tuple[float, float] = (0.08, 1.0),
+              ratio: tuple[float, float] = (3 / 4, 4 / 3)
+              ) -> tuple[Image.Image, tuple[float, float, float, float]]:
+  """Opens ``image`` (not decoded yet) and samples its `crop_box`; returns (image, PIL box).
+
+  The box is sampled on the full image size (read from the header), exactly as after a full
+  decode; a JPEG is set to decode at the smallest DCT scale (1/8..1) that keeps the box at least
+  ``size`` pixels wide and high, so the resize still only shrinks and, at scale 1, the pixels
+  equal those of a full decode. The box (left, top, right, bottom) is in the decoded pixels.
+  """
+  img = _open(image, channels)
+  width, height = img.size
+  top, left, h, w = crop_box(height, width, rng, scale=scale, ratio=ratio)
+  factor = _draft(img, (width * size / w, height * size / h))
+  return img, (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
+
+
+def decode_resized_crop(image: ImageLike, rng: np.random.Generator, *, size: int, channels: int,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        flip: bool = False) -> np.ndarray:
+  """An `open_crop` crop (array or encoded bytes) resized (bilinear, antialiased) to ``size``
+  x ``size``, decoding only what the crop needs; uint8 (size, size, channels).
+
+  With ``flip``, then mirrored left-right with probability 1/2 (one more draw, as
+  `random_flip`; PIL mirrors 5x faster than a NumPy copy of the reversed view).
+  """
+  img, box = open_crop(image, rng, size=size, channels=channels, scale=scale, ratio=ratio)
+  out = _mode(img, channels).resize((size, size), Image.BILINEAR, box=box)
+  if flip and rng.random() < 0.5:
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return _from_pil(out)
+
+
+def decode_resized_shorter(image: ImageLike, side: int, *, channels: int) -> np.ndarray:
+  """`resize_shorter` of an array or of encoded bytes, with a JPEG decoded at a reduced scale
+  that keeps it at least as large as the result."""
+  img = _open(image, channels)
+  width, height = img.size
+  scale = side / min(width, height)
+  target = (max(1, round(width * scale)), max(1, round(height * scale)))
+  _draft(img, target)
+  img = _mode(img, channels)
+  return _from_pil(img if img.size == target else img.resize(target, Image.BILINEAR))
 
 
 def _train(image: ImageLike, rng: np.random.Generator, *, kind: str, size: tuple[int, int],
-           channels: int) -> np.ndarray:
-  image = decode(image, channels)
+           channels: int) -> dict[str, np.ndarray]:
   side = size[0]
+  params = np.zeros(NUM_PARAMS, np.float32)
   if kind == "imagenet":
-    image = random_resized_crop(image, rng, size=side)
-    image = random_flip(image, rng)
-    image = color_jitter(image, rng, brightness=0.4, contrast=0.4, saturation=0.4)
-    return pca_lighting(image, rng, std=0.1) if channels == 3 else image
+    crop = decode_resized_crop(image, rng, size=side, channels=channels, flip=True)
+    params[FACTORS], params[ORDER] = jitter_factors(rng, channels=channels, strength=0.4)
+    if channels == 3:
+      params[LIGHTING] = rng.normal(0.0, 0.1, 3)
+    return {"image": crop, "augment": params}
   if kind == "alexnet":
-    image = resize_shorter(image, round(side * 130 / 128))
-    image = color_jitter(image, rng, brightness=0.2, contrast=0.2, saturation=0.2)
-    image = random_resized_crop(image, rng, size=side, scale=(0.6, 1.0))
-    image = random_flip(image, rng)
-    return random_rotate(image, rng, degrees=20.0)
-  image = resize(image, size)
+    # Drawn first: the host recipe jittered the resized image before cropping it.
+    params[FACTORS], params[ORDER] = jitter_factors(rng, channels=channels, strength=0.2)
+    image = decode_resized_shorter(image, round(side * 130 / 128), channels=channels)
+    crop = decode_resized_crop(image, rng, size=side, channels=channels, scale=(0.6, 1.0),
+                               flip=True)
+    params[ANGLE] = rng.uniform(-20.0, 20.0)
+    return {"image": crop, "augment": params}
+  image = resize(decode(image, channels), size)
   if kind == "cifar":
-    return random_flip(pad_crop(image, rng, pad=4), rng)
-  if kind == "digits":
-    return pad_crop(image, rng, pad=1)
-  return image
+    image = random_flip(pad_crop(image, rng, pad=4), rng)
+  elif kind == "digits":
+    image = pad_crop(image, rng, pad=1)
+  return {"image": image}
 
 
 def _eval(image: ImageLike, *, kind: str, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -145,7 +206,9 @@ def _size(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def train_augment(kind: str, *, size: int | Sequence[int], channels: int) -> Augment:
-  """Returns ``augment(image, rng) -> uint8 (H, W, channels)`` for an augmentation name.
+  """Returns ``augment(image, rng) -> {'image': uint8 (H, W, channels)[, 'augment']}``.
+
+  The 'augment' vector (float32 (`NUM_PARAMS`,)) comes with the kinds in `DEVICE_KINDS`.
 
   Args:
     kind: 'none' | 'cifar' | 'imagenet' | 'alexnet' | 'digits' (see `default_config`); the

@@ -1,15 +1,19 @@
 """Input-pipeline throughput on synthetic images, through the same code path training uses.
 
-'cifar': 32x32x3 uint8 images in memory (like the tarball source), pad-4 crop + flip,
-normalisation. 'imagenet': JPEG-encoded images of ImageNet-like sizes (smooth content, ~500x375),
-decoded with PIL, random-resized-crop to 224, flip, colour jitter, PCA lighting, normalisation.
+'cifar': 32x32x3 uint8 images in memory (like the tarball source), pad-4 crop + flip.
+'imagenet': JPEG-encoded images of ImageNet-like sizes (smooth content, ~500x375), decoded with
+PIL (only at the DCT scale the crop needs), random-resized-crop to 224, flip, and the per-example
+draws of colour jitter 0.4 and PCA lighting 0.1. 'alexnet': the same JPEGs, resize 130, random-
+resized-crop 128 (scale 0.6-1), flip, and the draws of jitter 0.2 and rotation +-20 degrees.
+The host delivers uint8 batches: the colour ops, rotation and normalisation run in the jitted
+step (`atac_train.data.device`), so they are not part of this figure; ``bytes_per_image`` is
+what each image costs the host-to-device transfer.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import time
 from typing import Any
@@ -18,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 from atac_train.data import augment as augment_lib
-from atac_train.data import config as config_lib
 from atac_train.data import pipeline
 from atac_train.data import sources
+from atac_train.data.synthetic_jpeg import synthetic_jpegs
 
-_KINDS = ("cifar", "imagenet")
+_KINDS = ("cifar", "imagenet", "alexnet")
 
 
 class _CycledSource(sources.ImageSource):
@@ -39,22 +43,6 @@ class _CycledSource(sources.ImageSource):
     return self.records[index % len(self.records)]
 
 
-def synthetic_jpegs(count: int, *, seed: int, quality: int = 90) -> list[bytes]:
-  """JPEG bytes of ``count`` smooth random RGB images of ImageNet-like sizes."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(count):
-    short = int(rng.integers(333, 500))
-    h, w = (short, 500) if rng.random() < 0.7 else (500, short)  # mostly landscape
-    coarse = rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
-    image = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    out.append(buf.getvalue())
-  return out
-
-
 def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: int = 50,
                     batch_size: int = 128, seed: int = 0,
                     prefetch_buffer: int = 2) -> dict[str, Any]:
@@ -64,7 +52,7 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
   separately as start-up and excluded.
 
   Args:
-    kind: 'cifar' or 'imagenet' (see module docstring).
+    kind: 'cifar', 'imagenet' or 'alexnet' (see module docstring).
     num_workers: 0 = in this process; N = grain worker processes.
     num_batches: batches timed after the first.
     batch_size: images per batch.
@@ -72,8 +60,8 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
     prefetch_buffer: batches prepared ahead (per worker).
 
   Returns:
-    A JSON-able dict with ``images_per_second``, ``seconds``, ``startup_seconds`` and the
-    settings.
+    A JSON-able dict with ``images_per_second``, ``seconds``, ``startup_seconds``,
+    ``bytes_per_image`` (of the delivered batch) and the settings.
   """
   if kind not in _KINDS:
     raise ValueError(f"Unknown input benchmark {kind!r}; accepted: {list(_KINDS)}.")
@@ -82,16 +70,15 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
     rng = np.random.default_rng(seed)
     source = sources.ArraySource(rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8),
                                  rng.integers(0, 10, 10_000), num_classes=10)
-    size, mean, std = 32, config_lib.CIFAR_MEAN, config_lib.CIFAR_STD
+    size = 32
   else:
     jpegs = synthetic_jpegs(32, seed=seed)
     extra["mean_jpeg_bytes"] = int(np.mean([len(j) for j in jpegs]))
     source = _CycledSource([{"image": j, "label": i % 1000} for i, j in enumerate(jpegs)],
                            length=100_000, num_classes=1000)
-    size, mean, std = 224, config_lib.IMAGENET_MEAN, config_lib.IMAGENET_STD
+    size = 224 if kind == "imagenet" else 128
   it = pipeline.build_train_iterator(
       source, augment=augment_lib.train_augment(kind, size=size, channels=3),
-      normalizer=augment_lib.Normalizer(np.array(mean), np.array(std)),
       global_batch_size=batch_size, seed=seed, num_workers=num_workers,
       prefetch_buffer=prefetch_buffer)
   start = time.perf_counter()
@@ -103,12 +90,74 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
     batch = next(it)
   seconds = time.perf_counter() - start
   shape = tuple(batch["image"].shape[1:])
+  bytes_per_image = sum(v.nbytes for v in batch.values()) / batch_size
   del it, batch
   gc.collect()  # Stops the worker processes before the next measurement.
   return {"kind": kind, "num_workers": num_workers, "batch_size": batch_size,
           "num_batches": num_batches, "prefetch_buffer": prefetch_buffer, "image_shape": shape,
           "images_per_second": num_batches * batch_size / seconds, "seconds": seconds,
-          "startup_seconds": startup, **extra}
+          "startup_seconds": startup, "bytes_per_image": bytes_per_image, **extra}
+
+
+def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int = 0
+                     ) -> dict[str, Any]:
+  """Microseconds per image of each stage of the 'imagenet' recipe, host and device.
+
+  Host stages run one after another on the same synthetic JPEGs as `benchmark_input` (the pieces
+  of `augment.decode_resized_crop`, timed apart): header + box (`augment.open_crop`), decode (at
+  the DCT scale the box allows), crop + resize, flip, the colour draws, stacking into a batch. Device stages run the
+  jitted `device.DeviceTransform` on this machine's default JAX backend, and ``transfer`` is a
+  ``jax.device_put`` of a uint8 batch (on a CPU backend a copy; the bytes are what matter).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
+  jpegs = synthetic_jpegs(32, seed=seed)
+  totals = dict.fromkeys(("header_and_box", "decode", "crop_resize", "flip_to_array",
+                          "draws"), 0.0)
+  crops, draws = [], []
+  for i in range(num_images):
+    rng = np.random.default_rng([seed, i])
+    t0 = time.perf_counter()
+    img, box = augment_lib.open_crop(jpegs[i % len(jpegs)], rng, size=224, channels=3)
+    t1 = time.perf_counter()
+    img.load()
+    t2 = time.perf_counter()
+    crop = img.resize((224, 224), Image.BILINEAR, box=box)
+    t3 = time.perf_counter()
+    if rng.random() < 0.5:
+      crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    crop = np.asarray(crop)
+    t4 = time.perf_counter()
+    params = np.zeros(augment_lib.NUM_PARAMS, np.float32)
+    params[augment_lib.FACTORS], params[augment_lib.ORDER] = augment_lib.jitter_factors(
+        rng, channels=3, strength=0.4)
+    params[augment_lib.LIGHTING] = rng.normal(0.0, 0.1, 3)
+    t5 = time.perf_counter()
+    for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+      totals[key] += seconds
+    crops.append(crop), draws.append(params)
+  per_image = {k: v / num_images * 1e6 for k, v in totals.items()}
+  start = time.perf_counter()
+  batches = [{"image": np.stack(crops[i:i + batch_size]),
+              "augment": np.stack(draws[i:i + batch_size])}
+             for i in range(0, num_images - batch_size + 1, batch_size)]
+  per_image["batching"] = (time.perf_counter() - start) / (len(batches) * batch_size) * 1e6
+  transform = jax.jit(device.DeviceTransform(mean=(0.485, 0.456, 0.406),
+                                             std=(0.229, 0.224, 0.225)))
+  jax.block_until_ready(transform(batches[0]))  # compile
+  start = time.perf_counter()
+  for batch in batches:
+    on_device = jax.block_until_ready(jax.device_put(batch))
+  per_image["transfer"] = (time.perf_counter() - start) / (len(batches) * batch_size) * 1e6
+  start = time.perf_counter()
+  for _ in batches:
+    jax.block_until_ready(transform(on_device))
+  per_image["device_transform"] = (time.perf_counter() - start) / (len(batches) * batch_size) * 1e6
+  host = sum(v for k, v in per_image.items() if k not in ("transfer", "device_transform"))
+  return {"kind": "imagenet", "num_images": num_images, "backend": jax.default_backend(),
+          "microseconds_per_image": {k: round(v, 1) for k, v in per_image.items()},
+          "host_microseconds_per_image": round(host, 1),
+          "bytes_per_image": sum(v.nbytes for v in batches[0].values()) / batch_size}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +169,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--prefetch-buffer", type=int, default=2)
+  parser.add_argument("--profile", action="store_true",
+                      help="time each stage of the 'imagenet' recipe instead (profile_imagenet)")
   args = parser.parse_args(argv)
+  if args.profile:
+    print(json.dumps(profile_imagenet(batch_size=args.batch_size, seed=args.seed)), flush=True)
+    return
   for kind in args.kind:
     for workers in args.num_workers:
       print(json.dumps(benchmark_input(

@@ -86,12 +86,18 @@ class DatasetInfo:
     num_train: examples in ``train_split``.
     num_eval: examples in ``eval_split``.
     max_value: the pixel value of full intensity (255; 16 for the digits).
+    augment: the recipe (`AUGMENTS`); its device half runs in the train step.
+    mean: per-channel normalisation mean of [0, 1] pixels (applied on the device).
+    std: per-channel normalisation standard deviation.
   """
   num_classes: int
   image_shape: tuple[int, int, int]
   num_train: int
   num_eval: int
   max_value: float = 255.0
+  augment: str = "none"
+  mean: tuple[float, ...] = (0.5,)
+  std: tuple[float, ...] = (0.5,)
 
 
 def _choice(config: ml_collections.ConfigDict, field: str, accepted: Sequence[str]) -> str:

@@ -1,6 +1,9 @@
 """grain pipelines: the infinite, checkpointable train iterator and the exact, padded eval batches.
 
 Train: ``source -> seed(seed).shuffle() -> repeat() -> random_map(augment) -> [p::P] -> batch``.
+Batches hold uint8 pixels (and, for 'imagenet'/'alexnet', each example's float32 ``augment``
+draws); `atac_train.data.device.DeviceTransform` finishes the recipe and normalises inside the
+jitted step, so the host ships a quarter of the bytes of float32 images.
 The shuffle and the augmentation act on the *global* stream of examples (epoch e is shuffled
 with seed + e; each element's augmentation rng comes from the seed and its position in that
 stream) and process p of P takes every P-th element. So the P processes see disjoint parts of
@@ -9,7 +12,8 @@ same way, whatever the process count.
 
 Eval: global batch k holds examples k*B .. k*B+B-1 of the split, process p rows p*b .. p*b+b-1
 of it (b = B / P); rows past the end are padding (mask False, label 0, zero image), so every
-process yields ceil(N / B) batches and each example appears exactly once with mask True.
+process yields ceil(N / B) batches and each example appears exactly once with mask True. Eval
+images are uint8 too (normalised by ``DeviceTransform.normalize`` in the eval step).
 """
 
 from __future__ import annotations
@@ -60,27 +64,22 @@ def _to_iter(ds: grain.MapDataset, *, num_workers: int, prefetch_buffer: int) ->
   return it_ds
 
 
-class _TrainBatch:
-  """Stacks augmented examples into ``{'image': float32, 'label': int32}``."""
-
-  def __init__(self, normalizer: augment_lib.Normalizer):
-    self.normalizer = normalizer
-
-  def __call__(self, examples: Sequence[dict[str, Any]]) -> Batch:
-    return {"image": self.normalizer(np.stack([e["image"] for e in examples])),
-            "label": np.array([e["label"] for e in examples], np.int32)}
+def _stack_examples(examples: Sequence[dict[str, Any]]) -> Batch:
+  """Stacks augmented examples into ``{'image': uint8, 'label': int32[, 'augment': float32]}``."""
+  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key != "label"}
+  batch["label"] = np.array([e["label"] for e in examples], np.int32)
+  return batch
 
 
 def build_train_iterator(source: Sequence[dict[str, Any]], *, augment: augment_lib.Augment,
-                         normalizer: augment_lib.Normalizer, global_batch_size: int, seed: int,
+                         global_batch_size: int, seed: int,
                          process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                          prefetch_buffer: int = 2) -> grain.DatasetIterator:
   """The train iterator over any random-access source (see module docstring).
 
   Args:
     source: a sequence of ``{'image', 'label'}`` records.
-    augment: ``augment(image, rng) -> uint8 array``.
-    normalizer: maps the stacked uint8 batch to float32.
+    augment: ``augment(image, rng) -> {'image': uint8 array[, 'augment': draws]}``.
     global_batch_size: examples per step over all processes.
     seed: shuffle and augmentation seed, in [0, 2**32).
     process_index: this process.
@@ -97,7 +96,7 @@ def build_train_iterator(source: Sequence[dict[str, Any]], *, augment: augment_l
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds.random_map(_AugmentMap(augment))
   ds = ds[process_index::process_count]
-  ds = ds.batch(local, drop_remainder=True, batch_fn=_TrainBatch(normalizer))
+  ds = ds.batch(local, drop_remainder=True, batch_fn=_stack_examples)
   return iter(_to_iter(ds, num_workers=num_workers, prefetch_buffer=prefetch_buffer))
 
 
@@ -108,7 +107,7 @@ class _AugmentMap:
     self.augment = augment
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    return {"image": self.augment(example["image"], rng), "label": example["label"]}
+    return {**self.augment(example["image"], rng), "label": example["label"]}
 
 
 class _EvalShard:
@@ -134,22 +133,19 @@ class _EvalShard:
 class _EvalBatch:
   """Preprocesses (record, mask) rows and stacks ``{'image', 'label', 'mask'}``."""
 
-  def __init__(self, preprocess: augment_lib.Preprocess, normalizer: augment_lib.Normalizer,
-               image_shape: tuple[int, int, int]):
-    self.preprocess, self.normalizer, self.image_shape = preprocess, normalizer, image_shape
+  def __init__(self, preprocess: augment_lib.Preprocess, image_shape: tuple[int, int, int]):
+    self.preprocess, self.image_shape = preprocess, image_shape
 
   def __call__(self, rows: Sequence[tuple[Any, bool]]) -> Batch:
     blank = np.zeros(self.image_shape, np.uint8)
     images = np.stack([self.preprocess(r["image"]) if m else blank for r, m in rows])
     mask = np.array([m for _, m in rows], bool)
-    images = self.normalizer(images)
-    images[~mask] = 0.0
     labels = np.array([r["label"] if m else 0 for r, m in rows], np.int32)
     return {"image": images, "label": labels, "mask": mask}
 
 
 def build_eval_iterable(source: Sequence[dict[str, Any]], *, preprocess: augment_lib.Preprocess,
-                        normalizer: augment_lib.Normalizer, image_shape: tuple[int, int, int],
+                        image_shape: tuple[int, int, int],
                         global_batch_size: int, process_index: int = 0, process_count: int = 1,
                         num_workers: int = 0, prefetch_buffer: int = 2) -> Iterable[Batch]:
   """The padded, masked eval batches over any source (see module docstring); re-iterable."""
@@ -157,25 +153,25 @@ def build_eval_iterable(source: Sequence[dict[str, Any]], *, preprocess: augment
   shard = _EvalShard(source, local=local, process_index=process_index,
                      process_count=process_count)
   ds = grain.MapDataset.source(shard).batch(
-      local, batch_fn=_EvalBatch(preprocess, normalizer, image_shape))
+      local, batch_fn=_EvalBatch(preprocess, image_shape))
   return _to_iter(ds, num_workers=num_workers, prefetch_buffer=prefetch_buffer)
 
 
-def _prepared(config: ml_collections.ConfigDict, split: str) -> tuple[
-    sources.ImageSource, tuple[int, int, int], augment_lib.Normalizer]:
+def _prepared(config: ml_collections.ConfigDict, split: str
+              ) -> tuple[sources.ImageSource, tuple[int, int, int]]:
   source = sources.open_source(config, split)
-  shape = config_lib.output_shape(config, source.image_shape)
-  mean, std = config_lib.normalization(config, shape[-1])
-  return source, shape, augment_lib.Normalizer(mean, std, max_value=source.max_value)
+  return source, config_lib.output_shape(config, source.image_shape)
 
 
 def get_info(config: ml_collections.ConfigDict) -> config_lib.DatasetInfo:
   """Returns classes, model input shape and split sizes of a dataset config."""
-  train, shape, _ = _prepared(config, config.train_split)
+  train, shape = _prepared(config, config.train_split)
+  mean, std = config_lib.normalization_values(config, shape[-1])
   return config_lib.DatasetInfo(num_classes=train.num_classes, image_shape=shape,
                                 num_train=len(train),
                                 num_eval=len(sources.open_source(config, config.eval_split)),
-                                max_value=train.max_value)
+                                max_value=train.max_value, augment=config.augment,
+                                mean=tuple(mean), std=tuple(std))
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -191,13 +187,15 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, global_batch_siz
     process_count: ``jax.process_count()``.
 
   Returns:
-    A `grain.DatasetIterator` of ``{'image': float32 (b, H, W, C), 'label': int32 (b,)}`` with
+    A `grain.DatasetIterator` of ``{'image': uint8 (b, H, W, C), 'label': int32 (b,)}`` (plus
+    ``'augment'``: float32 (b, `augment.NUM_PARAMS`) for 'imagenet'/'alexnet') with
     b = global_batch_size / process_count; checkpoint it with ``grain.checkpoint.CheckpointSave``.
+    ``DeviceTransform.from_info(get_info(config))`` makes the model input from a batch.
   """
-  source, shape, normalizer = _prepared(config, config.train_split)
+  source, shape = _prepared(config, config.train_split)
   augment = augment_lib.train_augment(config.augment, size=shape[:2], channels=shape[-1])
   return build_train_iterator(
-      source, augment=augment, normalizer=normalizer, global_batch_size=global_batch_size,
+      source, augment=augment, global_batch_size=global_batch_size,
       seed=seed, process_index=process_index, process_count=process_count,
       num_workers=config.num_workers, prefetch_buffer=config.prefetch_buffer)
 
@@ -215,13 +213,14 @@ def create_eval_iterable(config: ml_collections.ConfigDict, *, split: str | None
     process_count: ``jax.process_count()``.
 
   Returns:
-    A re-iterable of ``{'image': float32, 'label': int32, 'mask': bool}`` local batches; over
-    all processes each example of the split appears once with mask True.
+    A re-iterable of ``{'image': uint8, 'label': int32, 'mask': bool}`` local batches (padded
+    rows are zeros); over all processes each example of the split appears once with mask True.
+    ``DeviceTransform.normalize`` makes the model input.
   """
-  source, shape, normalizer = _prepared(config, split or config.eval_split)
+  source, shape = _prepared(config, split or config.eval_split)
   preprocess = augment_lib.eval_preprocess(config.augment, size=shape[:2], channels=shape[-1])
   return build_eval_iterable(
-      source, preprocess=preprocess, normalizer=normalizer, image_shape=shape,
+      source, preprocess=preprocess, image_shape=shape,
       global_batch_size=global_batch_size, process_index=process_index,
       process_count=process_count, num_workers=config.num_workers,
       prefetch_buffer=config.prefetch_buffer)
