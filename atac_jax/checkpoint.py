@@ -16,7 +16,6 @@ layout and the model come from :mod:`atac_jax.workdir`.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from atac_jax import preprocessing
+from atac_jax import preprocessing, storage
 from atac_jax.workdir import CONFIG_ITEM, DATA_ITEM, STATE_ITEM, Layout, build_model
 
 __all__ = ["load", "preprocess", "restore", "resolve_step_dir", "read_config", "build_model",
@@ -52,21 +51,24 @@ def open_manager(directory: str, *, options: ocp.CheckpointManagerOptions | None
 
 
 def _locate(path: str) -> tuple[str, int | None]:
-  """(checkpoints folder, step or None) for a workdir, checkpoints folder or step folder."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, STATE_ITEM)) and os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
+  """(checkpoints folder, step or None) for a workdir, checkpoints folder or step folder.
+
+  Local paths and URLs (``gs://...``) alike; an unsupported scheme raises StorageError.
+  """
+  storage.check_scheme(path)
+  path = storage.normalize(path)
+  name = storage.basename(path)
+  if name.isdigit() and storage.isdir(storage.join(path, STATE_ITEM)):
+    return storage.dirname(path), int(name)
   layout = Layout(path)
-  return (layout.checkpoints if os.path.isdir(layout.checkpoints) else path), None
+  return (layout.checkpoints if storage.isdir(layout.checkpoints) else path), None
 
 
 def available_steps(path: str) -> list[int]:
   """The finalised checkpoint steps under a workdir or checkpoints folder, ascending."""
   directory, _ = _locate(path)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
+  return sorted(int(name) for name in storage.listdir(directory)
+                if name.isdigit() and storage.isdir(storage.join(directory, name, STATE_ITEM)))
 
 
 def _no_checkpoint(path: str, step: int | None) -> FileNotFoundError:
@@ -91,13 +93,13 @@ def resolve_step_dir(path: str, *, step: int | None = None) -> str:
   """
   directory, own_step = _locate(path)
   if own_step is not None and step in (None, own_step):
-    return os.path.join(directory, str(own_step))
+    return storage.join(directory, str(own_step))
   steps = available_steps(directory)
   if step is not None:
     steps = [s for s in steps if s == step]
   if not steps:
     raise _no_checkpoint(path, step)
-  return os.path.join(directory, str(steps[-1]))
+  return storage.join(directory, str(steps[-1]))
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -175,9 +177,9 @@ def restore(path: str, *, step: int | None = None,
 def read_config(path: str, *, step: int | None = None) -> dict:
   """The resolved training config saved with a checkpoint step (default: the latest step)."""
   step_dir = resolve_step_dir(path, step=step)
-  manager = open_manager(os.path.dirname(step_dir))
+  manager = open_manager(storage.dirname(step_dir))
   try:
-    return restore_config(manager, int(os.path.basename(step_dir)))
+    return restore_config(manager, int(storage.basename(step_dir)))
   finally:
     manager.close()
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from atac_jax import storage
 
 if TYPE_CHECKING:
   import flax.linen as nn
@@ -33,15 +34,16 @@ class Layout:
   """Paths of one workdir.
 
   Attributes:
-    root: the workdir (absolute).
+    root: the workdir: an absolute local path, or a URL such as ``gs://bucket/run`` (see
+      :mod:`atac_jax.storage`).
   """
   root: str
 
   def __post_init__(self):
-    object.__setattr__(self, "root", os.path.abspath(os.path.expanduser(self.root)))
+    object.__setattr__(self, "root", storage.normalize(self.root))
 
   def _path(self, name: str) -> str:
-    return os.path.join(self.root, name)
+    return storage.join(self.root, name)
 
   @property
   def config(self) -> str:
@@ -81,24 +83,22 @@ class Layout:
             self.damaged]
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.checkpoints, str(step))
+    return storage.join(self.checkpoints, str(step))
 
 
 def read_json(path: str) -> dict:
-  """A JSON file as a dict; errors name the file."""
+  """A JSON file (local or remote) as a dict; errors name the file."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON (not UTF-8 text).") from e
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from e
 
 
 def write_json(path: str, value: Mapping[str, Any]) -> None:
-  """Writes ``value`` atomically (a temporary file renamed over ``path``)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes ``value`` atomically (see :func:`atac_jax.storage.write_atomic`)."""
+  storage.write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def build_model(config: Any, *, num_classes: int | None = None) -> nn.Module:

@@ -8,7 +8,7 @@ handlers as :mod:`atac_jax.checkpoint` (which owns them, with the folder layout 
 
 from __future__ import annotations
 
-import os
+import logging as pylogging
 import time
 from typing import Any, Callable
 
@@ -19,9 +19,13 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from atac_jax import checkpoint as ckpt_lib
+from atac_jax import storage
 from atac_jax.workdir import CONFIG_ITEM, DATA_ITEM, STATE_ITEM, Layout
+from atac_train.errors import StorageFaultError, describe, storage_reason
 
 BEST_METRIC = "eval/accuracy"
+# A Python logger of its own, diverted to the log file with Orbax's (atac_train.background_logs).
+_log = pylogging.getLogger(__name__)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -62,17 +66,41 @@ class Checkpointer:
     self.layout = Layout(workdir)
     self.directory = self.layout.checkpoints
     self._manager = ckpt_lib.open_manager(self.directory, options=options)
+    self._saving: int | None = None  # the step whose (async) save is not known to be finished
+    self._failed = False
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, *, state: Any, data_iterator: Any | None, config: dict,
            metrics: dict | None = None) -> None:
-    """Saves one step (forced: the trainer decides when to save)."""
+    """Saves one step (forced: the trainer decides when to save).
+
+    Raises:
+      StorageFaultError: this save, or the previous one still being written, failed (the
+        message names the step, the folder, the cause and the last good step).
+    """
+    self.wait()
     items = {STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(config)}
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._saving = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as error:  # pylint: disable=broad-except  # any write error of any store
+      raise self._fault(error) from None
+
+  def _fault(self, error: BaseException) -> StorageFaultError:
+    step, self._saving, self._failed = self._saving, None, True
+    _log.error("Saving checkpoint step %s failed.", step, exc_info=error)  # to the log file
+    good = ckpt_lib.available_steps(self.layout.root)
+    last = (f"the last good checkpoint is step {good[-1]}; re-run the same command to resume "
+            f"from it" if good else "no earlier checkpoint was written; re-run the same command "
+            "to start again")
+    return StorageFaultError(
+        f"Could not save checkpoint step {step} to {self.directory}: {storage_reason(error)} "
+        f"({describe(error)}). Nothing saved before is lost: {last} once the cause is "
+        "fixed (free space, quota or permissions).")
 
   def restore_config(self, step: int) -> dict:
     """The resolved config saved with ``step``."""
@@ -132,10 +160,10 @@ class Checkpointer:
     Returns:
       Where it went.
     """
-    os.makedirs(self.layout.damaged, exist_ok=True)
-    target = os.path.join(self.layout.damaged,
+    storage.makedirs(self.layout.damaged)
+    target = storage.join(self.layout.damaged,
                           f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    os.rename(self.layout.step_dir(step), target)
+    storage.move(self.layout.step_dir(step), target)
     return target
 
   def reload(self) -> None:
@@ -143,14 +171,23 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the pending save (StorageFaultError if it failed)."""
+    if self._saving is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._fault(error) from None
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Finishes the pending save and closes; after a fault, closing raises nothing more."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
-
-def describe(error: BaseException) -> str:
-  """``Type: message`` on one line, shortened."""
-  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
-  return f"{type(error).__name__}: {text[:200]}"

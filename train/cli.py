@@ -14,6 +14,7 @@ other. ``python -m atac_train COMMAND [ARGS]`` runs the same commands without th
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -33,6 +34,9 @@ COMMANDS = {
 def _run(command: str) -> None:
   interrupts.install()
   cpu_defaults.apply()
+  # gcsfs warns on every bucket it opens without default credentials (the emulator, workload
+  # identity); its real failures still reach the user as errors.
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
   importlib.import_module(COMMANDS[command]).run()
 
 

@@ -22,5 +22,34 @@ class ResumeError(TrainingError):
   """The workdir holds a run this invocation must not silently continue or overwrite."""
 
 
+class StorageFaultError(TrainingError):
+  """Writing to the workdir failed (no space, quota, permission); what was saved is intact."""
+
+
 class NonFiniteLossError(TrainingError, RuntimeError):
   """The training loss became NaN or infinite; no checkpoint is written after it."""
+
+
+def describe(error: BaseException) -> str:
+  """``Type: message`` on one line, shortened (tensorstore's spec dumps cut off)."""
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  text = text.split(" [source locations=")[0]
+  return f"{type(error).__name__}: {text[:200]}"
+
+
+# Substrings of OS, tensorstore and cloud-client errors -> what the user should fix.
+_STORAGE_REASONS = (
+    (("no space left", "resource_exhausted", "enospc", "disk quota"), "no space left"),
+    (("quota", "429", "rate limit"), "storage quota or rate limit exceeded"),
+    (("permission", "forbidden", "403", "401", "read-only file system", "access denied"),
+     "permission denied"),
+)
+
+
+def storage_reason(error: BaseException) -> str:
+  """A short cause for a failed write: 'no space left', 'permission denied', ... or the error."""
+  text = str(error).lower()
+  for needles, reason in _STORAGE_REASONS:
+    if any(n in text for n in needles):
+      return reason
+  return describe(error)

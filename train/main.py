@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from atac_train import config_file, cpu_defaults, errors, parallel, trainer
+from atac_train import background_logs, config_file, cpu_defaults, errors, parallel, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a get_config() file (configs/quickstart.py) or the name of "
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cpu_defaults.quiet_logs()
+  background_logs.divert()
   parallel.maybe_initialize_distributed(coordinator_address=_COORDINATOR.value,
                                         num_processes=_NUM_PROCESSES.value,
                                         process_id=_PROCESS_ID.value)
@@ -49,7 +50,9 @@ def main(argv: list[str]) -> None:
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value,
                                         extend=_EXTEND.value)
   except (errors.TrainingError, ValueError, FileNotFoundError) as error:
-    print(f"atac-train: error: {error}", file=sys.stderr)
+    details = background_logs.written()
+    print(f"atac-train: error: {error}" + (f" (details: {details})" if details else ""),
+          file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
     print(json.dumps(result, default=float))

@@ -13,28 +13,31 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping
 
+from absl import logging
+
+from atac_jax import storage
 from atac_jax.workdir import Layout
 from atac_train import plots
+from atac_train.errors import StorageFaultError, describe, storage_reason
 
 
 class MetricWriter:
   """Writes metric records on process 0 only; other processes get a no-op writer.
 
   Each record goes to ``metrics.jsonl`` (one JSON object per line, always with ``step`` and
-  ``epoch``) and to TensorBoard (tensorboardX, no TensorFlow needed).
+  ``epoch``) and to TensorBoard (tensorboardX, no TensorFlow needed). For a workdir on an object
+  store the events are written to a local folder and each flush uploads them
+  (:class:`_TensorBoard`).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.workdir = workdir
     self.enabled = enabled
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(Layout(workdir).tensorboard, filename_suffix=_unique_suffix())
+    self._tb = _TensorBoard(Layout(workdir).tensorboard) if enabled else None
 
   def write(self, step: int, epoch: float, scalars: Mapping[str, Any]) -> None:
     """Appends one record (flushed, so a kill loses at most the line being written)."""
@@ -42,19 +45,71 @@ class MetricWriter:
       return
     record = {"step": int(step), "epoch": round(float(epoch), 4)}
     record.update({k: _plain(v) for k, v in scalars.items()})
-    with open(Layout(self.workdir).metrics, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    _add_scalars(self._tb, record)
+    path = Layout(self.workdir).metrics
+    try:
+      storage.append_text(path, json.dumps(record) + "\n")
+    except OSError as error:
+      raise StorageFaultError(
+          f"Could not write {path} at step {step}: {storage_reason(error)} ({describe(error)}). "
+          "Checkpoints already saved are intact; fix the cause and re-run the same command to "
+          "resume.") from None
+    self._tb.add(record)
     self._tb.flush()
 
   def plot(self) -> None:
-    """Redraws ``learning_curve.png`` from ``metrics.jsonl``."""
+    """Redraws ``learning_curve.png`` from ``metrics.jsonl``; a failure is only a warning (the
+    curve is derived, and its error must not hide the one that matters)."""
     if self.enabled:
       plot(self.workdir)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _TensorBoard:
+  """A tensorboardX writer for a local or remote ``tensorboard`` folder.
+
+  tensorboardX writes only local files (and a few object stores of its own, with their own
+  credentials), so for a remote folder it writes into a local staging folder and
+  :meth:`flush` uploads the event file whole (event files are small: one scalar per key and log
+  step).
+  """
+
+  def __init__(self, folder: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.folder = folder
+    self._staging = tempfile.mkdtemp(prefix="atac_tb_") if storage.is_remote(folder) else None
+    if self._staging is None:
+      os.makedirs(folder, exist_ok=True)
+    self._writer = SummaryWriter(self._staging or folder, filename_suffix=_unique_suffix())
+    self._warned = False
+
+  def add(self, record: Mapping[str, Any]) -> None:
+    _add_scalars(self._writer, record)
+
+  def flush(self) -> None:
+    """Writes the events out; a failure is one warning (the events are derived from metrics)."""
+    try:
+      self._writer.flush()
+      if self._staging is not None:
+        for name in os.listdir(self._staging):
+          with open(os.path.join(self._staging, name), "rb") as f:
+            storage.write_atomic(storage.join(self.folder, name), f.read())
+    except Exception as error:  # pylint: disable=broad-except
+      if not self._warned:
+        self._warned = True
+        logging.warning("Could not write TensorBoard events to %s (%s); they are rebuilt from "
+                        "metrics.jsonl on resume.", self.folder, describe(error))
+
+  def close(self) -> None:
+    self.flush()
+    try:
+      self._writer.close()
+    except Exception:  # pylint: disable=broad-except  # flush() has warned already
+      pass
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def _unique_suffix() -> str:
@@ -64,11 +119,19 @@ def _unique_suffix() -> str:
 
 
 def plot(workdir: str) -> None:
-  """Draws ``workdir/learning_curve.png`` from ``workdir/metrics.jsonl`` (if there is one)."""
+  """Draws ``workdir/learning_curve.png`` from ``workdir/metrics.jsonl`` (if there is one).
+
+  A failure (e.g. no space left) is logged as one warning line and not raised: the curve is
+  derived from metrics.jsonl, and its error must never mask the one that stops a run.
+  """
   layout = Layout(workdir)
-  if os.path.exists(layout.metrics):
-    plots.plot_learning_curves({os.path.basename(layout.root): plots.read_metrics(layout.metrics)},
-                               layout.curve)
+  try:
+    if storage.exists(layout.metrics):
+      plots.plot_learning_curves(
+          {storage.basename(layout.root): plots.read_metrics(layout.metrics)}, layout.curve)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not draw %s (%s); training goes on.", layout.curve,
+                    " ".join(str(e).split())[:200])
 
 
 def _add_scalars(tb: Any, record: Mapping[str, Any]) -> None:
@@ -79,8 +142,7 @@ def _add_scalars(tb: Any, record: Mapping[str, Any]) -> None:
 
 def _read_lines(path: str) -> list[str]:
   try:
-    with open(path) as f:
-      return f.readlines()
+    return storage.read_text(path).splitlines(keepends=True)
   except FileNotFoundError:
     return []
 
@@ -105,37 +167,35 @@ def trim(path: str, *, last_step: int) -> int:
       continue
   dropped = len(lines) - len(kept)
   if dropped:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_atomic(path, "".join(kept))
   return dropped
 
 
 def rebuild_tensorboard(workdir: str) -> None:
-  """Rewrites ``workdir/tensorboard`` from ``metrics.jsonl`` (each step once)."""
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  """Rewrites ``workdir/tensorboard`` from ``metrics.jsonl`` (each step once).
+
+  The new events are written beside the old (``tensorboard.rebuild``) and swapped in, so a kill
+  leaves either folder complete.
+  """
   target = Layout(workdir).tensorboard
   fresh, old = target + ".rebuild", target + ".old"
   for leftover in (fresh, old):  # of an earlier rebuild that was killed
-    shutil.rmtree(leftover, ignore_errors=True)
-  tb = SummaryWriter(fresh, filename_suffix=_unique_suffix())
+    storage.rmtree(leftover)
+  tb = _TensorBoard(fresh)
   path = Layout(workdir).metrics
-  for record in (plots.read_metrics(path) if os.path.exists(path) else []):
-    _add_scalars(tb, record)
+  for record in (plots.read_metrics(path) if storage.exists(path) else []):
+    tb.add(record)
   tb.close()
-  if os.path.exists(target):
-    os.rename(target, old)
-  os.rename(fresh, target)
-  shutil.rmtree(old, ignore_errors=True)
+  if storage.exists(target):
+    storage.move(target, old)
+  storage.move(fresh, target)
+  storage.rmtree(old)
 
 
 def final_record(path: str, *, step: int) -> dict[str, Any]:
   """The metrics logged at ``step`` (train and eval rows merged), for a run that is finished."""
   record: dict[str, Any] = {}
-  for row in plots.read_metrics(path) if os.path.exists(path) else []:
+  for row in plots.read_metrics(path) if storage.exists(path) else []:
     if row.get("step") == step:
       record.update({k: v for k, v in row.items() if k not in ("step", "epoch")})
   return record

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 
+from atac_jax import storage
 from atac_jax.workdir import Layout
 
 matplotlib.use("Agg")
@@ -23,24 +24,23 @@ def read_metrics(path: str, *, on_skip: Callable[[str, int, str], None] | None =
   Lines that are not a JSON object with ``step`` and ``epoch`` (e.g. one torn by a kill) are
   skipped; ``on_skip(path, line_number, reason)`` is told about each.
   """
-  if os.path.isdir(path):
+  if storage.isdir(path):
     path = Layout(path).metrics
   records = []
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
-      try:
-        record = json.loads(raw.decode("utf-8"))
-        if not isinstance(record, dict) or "step" not in record or "epoch" not in record:
-          raise ValueError("not a JSON object with 'step' and 'epoch'")
-      except UnicodeDecodeError:
-        reason = "not UTF-8 text"
-      except ValueError as error:
-        reason = " ".join(str(error).split())[:120]
-      else:
-        records.append(record)
-        continue
-      if on_skip is not None:
-        on_skip(path, number, reason)
+  for number, raw in enumerate(storage.read_bytes(path).splitlines(keepends=True), start=1):
+    try:
+      record = json.loads(raw.decode("utf-8"))
+      if not isinstance(record, dict) or "step" not in record or "epoch" not in record:
+        raise ValueError("not a JSON object with 'step' and 'epoch'")
+    except UnicodeDecodeError:
+      reason = "not UTF-8 text"
+    except ValueError as error:
+      reason = " ".join(str(error).split())[:120]
+    else:
+      records.append(record)
+      continue
+    if on_skip is not None:
+      on_skip(path, number, reason)
   return records
 
 
@@ -55,7 +55,7 @@ def plot_learning_curves(runs: Mapping[str, Sequence[Mapping]], out: str, *,
 
   Args:
     runs: label -> metrics records (each with ``epoch`` and ``train/*`` / ``eval/*`` keys).
-    out: PNG path.
+    out: PNG path (local or a URL such as ``gs://...``), written atomically.
     size_inches: figure size; the PNG is ``size_inches * dpi`` pixels.
     dpi: resolution.
   """
@@ -75,7 +75,10 @@ def plot_learning_curves(runs: Mapping[str, Sequence[Mapping]], out: str, *,
       ax.grid(alpha=0.3)
   axes[0].legend(fontsize="small")
   fig.tight_layout()
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp, dpi=dpi)
-  plt.close(fig)
-  os.replace(tmp, out)
+  # Rendered in memory, then written whole: the same call serves local paths and object stores.
+  buffer = io.BytesIO()
+  try:
+    fig.savefig(buffer, format="png", dpi=dpi)
+  finally:
+    plt.close(fig)
+  storage.write_atomic(out, buffer.getvalue())

@@ -24,9 +24,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from atac_jax.workdir import Layout
-from atac_train.checkpointing import Checkpointer, describe
-from atac_train.errors import ResumeError
+from atac_jax.workdir import Layout, read_json, write_json
+from atac_train.checkpointing import Checkpointer
+from atac_train.errors import ResumeError, describe
 
 # Settings that may differ on resume: they decide what is logged, evaluated, kept or where the
 # same data is read from, never what is trained. (eval_batch_size changes the eval sums' order,
@@ -134,6 +134,7 @@ def find_start(ckpt: Checkpointer, *, abstract_state: Any, data_iterator: Any,
   for step in sorted(ckpt.all_steps(), reverse=True):
     ok, saved, error = _attempt(lambda: ckpt.restore_config(step))  # pylint: disable=cell-var-from-loop
     if ok:
+      _repair_config_file(ckpt.layout, saved, step=step)
       check_config(saved, config, extend=extend, workdir=workdir, step=step)
       ok, state, error = _attempt(
           lambda: ckpt.restore_step(step, abstract_state, data_iterator))  # pylint: disable=cell-var-from-loop
@@ -151,6 +152,21 @@ def find_start(ckpt: Checkpointer, *, abstract_state: Any, data_iterator: Any,
         f"are damaged, re-run with --fresh to move this run to {Layout(workdir).archive}/ and "
         "start over; if they were written by another atac-jax version, resume with that version.")
   return Start(step=0)
+
+
+def _repair_config_file(layout: Layout, saved: Mapping[str, Any], *, step: int) -> None:
+  """Process 0: an unreadable ``config.json`` is rewritten from the checkpoint's own copy, so the
+  file a refusal points to holds the run's settings."""
+  if jax.process_index() != 0:
+    return
+  try:
+    read_json(layout.config)
+  except FileNotFoundError:
+    return  # written anew by the run once it starts (or never there)
+  except (ValueError, OSError) as e:
+    write_json(layout.config, saved)
+    logging.warning("%s was unreadable (%s); restored it from the copy saved with checkpoint step "
+                    "%d.", layout.config, e, step)
 
 
 def _move_aside(ckpt: Checkpointer, steps: list[int]) -> None:

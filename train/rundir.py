@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import socket
 import time
 from typing import Any, Callable, Iterator
 
@@ -19,18 +19,26 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from atac_jax import storage
 from atac_jax.workdir import Layout, write_json
 from atac_train import interrupts, metrics
-from atac_train.errors import TrainingError, WorkdirError
+from atac_train.errors import TrainingError, WorkdirError, describe
 from atac_train.workdir_lock import WorkdirLock
 
 
 def check(workdir: str) -> None:
-  """Fails early for a ``--workdir`` that is a file or cannot be written (writes nothing).
+  """Fails early for a ``--workdir`` that is a file or cannot be written.
+
+  A local path is checked without writing; a URL (``gs://bucket/run``) must have a supported
+  scheme and take a probe object, written and deleted here, so a wrong bucket or missing
+  credentials stop the run before anything is compiled.
 
   Raises:
     WorkdirError: naming the path and the problem.
   """
+  if storage.is_remote(workdir):
+    _check_remote(workdir)
+    return
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory; give a directory "
@@ -46,19 +54,35 @@ def check(workdir: str) -> None:
                        "system); give a directory you can write to.")
 
 
+def _check_remote(workdir: str) -> None:
+  try:
+    storage.check_scheme(workdir, what="--workdir")
+  except storage.StorageError as e:
+    raise WorkdirError(str(e)) from None
+  probe = storage.join(storage.normalize(workdir),
+                       f".atac-write-check-{socket.gethostname()}-{os.getpid()}")
+  try:
+    storage.write_atomic(probe, b"")
+    storage.remove(probe)
+  except Exception as e:  # pylint: disable=broad-except  # any client error means "cannot write"
+    raise WorkdirError(f"--workdir={workdir} cannot be written ({describe(e)}); check the bucket "
+                       "name, that it exists, and the credentials of this machine "
+                       "(gcloud auth application-default login), or give a local path.") from None
+
+
 def archive(layout: Layout) -> str | None:
   """Moves a run's outputs to ``DIR/archive/<time>/`` (``--fresh``); returns where, or None."""
-  present = [p for p in layout.run_outputs() if os.path.lexists(p)]
+  present = [p for p in layout.run_outputs() if storage.exists(p)]
   if not present:
     return None
-  target = os.path.join(layout.archive, time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+  target = storage.join(layout.archive, time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
   suffix = 0
-  while os.path.exists(target if not suffix else f"{target}-{suffix}"):
+  while storage.exists(target if not suffix else f"{target}-{suffix}"):
     suffix += 1
   target = target if not suffix else f"{target}-{suffix}"
-  os.makedirs(target)
+  storage.makedirs(target)
   for path in present:
-    shutil.move(path, os.path.join(target, os.path.basename(path)))
+    storage.move(path, storage.join(target, storage.basename(path)))
   return target
 
 
@@ -96,7 +120,7 @@ def prepare_outputs(layout: Layout, *, start_step: int, config_dict: dict) -> No
   """Process 0: config.json for this run; metrics, TensorBoard and PNG up to ``start_step``."""
   write_json(layout.config, config_dict)
   dropped = metrics.trim(layout.metrics, last_step=start_step)
-  if dropped or (start_step == 0 and os.path.isdir(layout.tensorboard)) or os.path.isdir(
+  if dropped or (start_step == 0 and storage.isdir(layout.tensorboard)) or storage.isdir(
       layout.tensorboard + ".rebuild"):
     logging.warning("Dropped %d metrics.jsonl line(s) past step %d (they are trained again) and "
                     "rebuilt the TensorBoard events from metrics.jsonl.", dropped, start_step)

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import signal
 from typing import Any
 
 import jax
@@ -347,6 +349,7 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
       if save:
         ckpt.save(step, state=state, data_iterator=train_iter, config=config_dict,
                   metrics=ckpt_metrics)
+        _kill_point("checkpoint_saved", step, before=ckpt.wait)
       if preempted:
         logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
                         "resume.", step)
@@ -355,6 +358,18 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
     progress.close()
     writer.close()
   return {"step": step, "epoch": step / s.steps_per_epoch, "preempted": preempted, **record}
+
+
+# Tests kill a run at a named point instead of timing a signal: ATAC_TRAIN_KILL_AT=NAME:STEP.
+KILL_AT_ENV = "ATAC_TRAIN_KILL_AT"
+
+
+def _kill_point(name: str, step: int, *, before: Any = None) -> None:
+  """SIGKILLs this process at ``NAME:STEP`` when ``$ATAC_TRAIN_KILL_AT`` names it (tests only)."""
+  if os.environ.get(KILL_AT_ENV) == f"{name}:{step}":
+    if before is not None:
+      before()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init_from_checkpoint(config: ml_collections.ConfigDict, state: TrainState, s: Setup
