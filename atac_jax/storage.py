@@ -16,7 +16,6 @@ import os
 import posixpath
 import re
 import shutil
-from collections.abc import Iterator
 
 # Schemes both etils.epath (the project's files) and tensorstore (Orbax's arrays) can write, with
 # the package epath needs for each.
@@ -89,22 +88,33 @@ def epath(path: str | os.PathLike):
   return epath_lib.Path(os.fspath(path))
 
 
+def _fresh(path: str):
+  """``epath(path)`` with fsspec's listing cache dropped: another process (a trainer, another
+  host) may have written there since this one last looked."""
+  p = epath(path)
+  import fsspec  # pylint: disable=g-import-not-at-top  # a dependency of gcsfs and s3fs
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  for filesystem in (fsspec.filesystem(scheme(path)), backend.fsspec_backend.fs(path)):
+    filesystem.invalidate_cache()  # epath's own instance and the default one (move, lock)
+  return p
+
+
 def exists(path: str) -> bool:
-  return epath(path).exists() if is_remote(path) else os.path.lexists(path)
+  return _fresh(path).exists() if is_remote(path) else os.path.lexists(path)
 
 
 def isdir(path: str) -> bool:
-  return epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  return _fresh(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-  return epath(path).is_file() if is_remote(path) else os.path.isfile(path)
+  return _fresh(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def listdir(path: str) -> list[str]:
   """Names in a folder (an empty list where there is none)."""
   if is_remote(path):
-    p = epath(path)
+    p = _fresh(path)
     return sorted(child.name for child in p.iterdir()) if p.is_dir() else []
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
@@ -120,7 +130,7 @@ def makedirs(path: str) -> None:
 def read_bytes(path: str) -> bytes:
   """The file's bytes (FileNotFoundError where there is none)."""
   if is_remote(path):
-    p = epath(path)
+    p = _fresh(path)
     if not p.exists():
       raise FileNotFoundError(path)
     return p.read_bytes()
@@ -193,18 +203,16 @@ def rmtree(path: str) -> None:
 def move(source: str, target: str) -> None:
   """Moves a file or folder (on an object store: copy, then delete)."""
   if is_remote(source):
-    epath(source).rename(epath(target))
+    check_scheme(source)
+    import fsspec  # pylint: disable=g-import-not-at-top  # a dependency of gcsfs and s3fs
+    # Object by object with fsspec: epath's rename wants the target's parent folder to exist
+    # (object stores have no empty folders), and gcsfs's mv tries a move API first that not
+    # every GCS-compatible server has.
+    filesystem, source_name = fsspec.core.url_to_fs(source)
+    target_name = fsspec.core.url_to_fs(target)[1]
+    for name in filesystem.find(source_name):
+      filesystem.cp_file(name, target_name + name[len(source_name):])
+    filesystem.rm(source_name, recursive=True)
   else:
     shutil.move(source, target)
 
-
-def walk_files(path: str) -> Iterator[str]:
-  """Every file under a folder, recursively (local or remote)."""
-  if is_remote(path):
-    for child in epath(path).rglob("*"):
-      if child.is_file():
-        yield os.fspath(child)
-  else:
-    for root, _, files in os.walk(path):
-      for name in files:
-        yield os.path.join(root, name)

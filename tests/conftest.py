@@ -118,3 +118,40 @@ def batch_on_one_device(one: bool = True):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   with ops.pallas_backward.data_parallel(mesh, ("data",)):
     yield
+
+
+GCS_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """A local GCS server (tests/gcs_server.py) for the session; yields the environment that points
+  gcsfs, the Google clients and tensorstore at it. Bucket ``bkt`` exists. No network is used."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("gcp_storage_emulator")
+  pytest.importorskip("gcsfs")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_server.py"), "--port",
+       str(port), "--bucket", "bkt"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      text=True)
+  line = server.stdout.readline()  # printed once the server accepts connections
+  assert "listening" in line, f"the GCS server did not start: {line!r}"
+  url = f"http://127.0.0.1:{port}"
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token"}
+  yield env
+  server.terminate()
+  server.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+  """This process talks to the local GCS server; returns its environment for subprocesses."""
+  for key, value in gcs_server.items():
+    monkeypatch.setenv(key, value)
+  return gcs_server

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from atac_jax import checkpoint, storage
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,21 +50,22 @@ def _free_port():
 
 
 def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line) for line in storage.read_text(
+      storage.join(str(workdir), "metrics.jsonl")).splitlines()]
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  """2 processes x 2 CPU devices (gloo) train like 1 process x 4 devices."""
-  single, multi = tmp_path / "single", tmp_path / "multi"
+def test_two_processes_match_one_process(tmp_path, gcs):
+  """2 processes x 2 CPU devices (gloo) writing one gs:// workdir (the local GCS server) train like
+  1 process x 4 devices writing a local one."""
+  single, multi = tmp_path / "single", "gs://bkt/two-processes"
   subprocess.run(_train_command(single), cwd=REPO, env=_cli_env(4), check=True, timeout=600,
                  capture_output=True)
   port = _free_port()
   procs = [subprocess.Popen(
       _train_command(multi, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                     f"--process_id={i}"), cwd=REPO, env=_cli_env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+                     f"--process_id={i}"), cwd=REPO, env=dict(_cli_env(2), **gcs),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -91,4 +94,5 @@ def test_two_processes_match_one_process(tmp_path):
   # Only process 0 prints the result and writes the logs (one record per step, not two).
   assert not any(line.startswith("{") for line in outputs[1][0].splitlines())
   assert len(multi_records) == len(single_records)
-  assert not os.path.exists(multi / "atac-train.lock")  # process 0 held it, and released it
+  assert not storage.exists(f"{multi}/atac-train.lock")  # process 0 held it, and released it
+  assert checkpoint.available_steps(multi) == checkpoint.available_steps(str(single))

@@ -155,6 +155,21 @@ def test_changed_config_is_refused_with_a_diff(copy):
   assert _steps(copy) == [30, 40, 44]
 
 
+@pytest.mark.parametrize("damage", [b'{"model": {"name": "cifar_res', b"\xff\xfe\x00", b""])
+def test_unreadable_config_json_is_restored_from_the_checkpoint(copy, damage):
+  """The refusal points at config.json, so that file is first rewritten from the checkpoint's own
+  copy of the config (the one the run was trained with)."""
+  with open(Layout(copy).config) as f:
+    good = json.load(f)
+  with open(Layout(copy).config, "wb") as f:
+    f.write(damage)
+  with pytest.raises(ResumeError) as error:
+    _train(copy, _config(**{"model.act": "relu"}))
+  assert Layout(copy).config in str(error.value)
+  with open(Layout(copy).config) as f:
+    assert json.load(f) == checkpointing.Checkpointer(copy).restore_config(44) == good
+
+
 def test_settings_that_cannot_change_the_result_may_change_on_resume(run, copy):
   _, reference = run
   neutral = {"log_every_steps": 7, "eval_every_epochs": 3, "checkpoint_every_steps": 0,

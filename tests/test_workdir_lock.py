@@ -105,3 +105,56 @@ def test_release_leaves_another_holders_lock_alone(tmp_path, live_process):
   _write_lock(str(tmp_path), live_process.pid)  # (someone removed ours and took it)
   lock.release()
   assert WorkdirLock(path).holder()["pid"] == live_process.pid
+
+
+def _remote_record(**extra):
+  record = {"host": "another-vm", "pid": 12345, "start_time": None, "started": time.time(),
+            "renewed": time.time(), "command": "atac-train --workdir gs://bkt/x"}
+  record.update(extra)
+  return json.dumps(record)
+
+
+def test_remote_lock_is_created_once_renewed_and_released(gcs, monkeypatch):
+  from atac_jax import storage  # pylint: disable=g-import-not-at-top
+  path = "gs://bkt/lock-own/atac-train.lock"
+  monkeypatch.setattr(workdir_lock, "RENEW_SECONDS", 0.05)
+  lock = WorkdirLock(path)
+  lock.acquire()
+  first = json.loads(storage.read_text(path))
+  assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
+  # Renewal rewrites the lease; wait on the condition (bounded), not on a fixed delay.
+  deadline = time.monotonic() + 30
+  while json.loads(storage.read_text(path))["renewed"] == first["renewed"]:
+    assert time.monotonic() < deadline, "the lease was never renewed"
+    time.sleep(0.05)
+  with pytest.raises(WorkdirLockedError, match="in use by another atac-train"):
+    WorkdirLock(path).check()  # same host, live pid: a second trainer stops
+  lock.release()
+  assert not storage.exists(path)
+
+
+def test_remote_lock_of_another_host_waits_for_its_lease(gcs):
+  from atac_jax import storage  # pylint: disable=g-import-not-at-top
+  path = "gs://bkt/lock-lease/atac-train.lock"
+  storage.write_atomic(path, _remote_record())
+  with pytest.raises(WorkdirLockedError, match=r"another-vm.*lease expires in \d+ s"):
+    WorkdirLock(path).acquire()
+  expired = time.time() - workdir_lock.LEASE_SECONDS - 1
+  storage.write_atomic(path, _remote_record(renewed=expired))  # a preempted VM's lock
+  lock = WorkdirLock(path)
+  lock.acquire()  # taken over
+  assert json.loads(storage.read_text(path))["pid"] == os.getpid()
+  lock.release()
+
+
+def test_exclusive_create_refuses_an_existing_object(gcs):
+  """The local GCS server enforces ifGenerationMatch=0 as GCS does (tests/gcs_server.py)."""
+  from atac_jax import storage  # pylint: disable=g-import-not-at-top
+  import fsspec  # pylint: disable=g-import-not-at-top
+  path = "gs://bkt/lock-x/atac-train.lock"
+  storage.write_atomic(path, b"first")
+  filesystem, name = fsspec.core.url_to_fs(path)
+  with pytest.raises(Exception):  # gcsfs reports the 412 with its own error type
+    with filesystem.open(name, "xb") as f:
+      f.write(b"second")
+  assert storage.read_bytes(path) == b"first"
