@@ -17,6 +17,7 @@ import statistics
 import sys
 from typing import Any, Sequence
 
+from atac_jax import storage
 from atac_jax.workdir import Layout
 from atac_train import plots
 
@@ -27,7 +28,7 @@ class CompareError(ValueError):
 
 def _metrics_path(workdir: str) -> str:
   path = Layout(workdir).metrics
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise CompareError(
         f"No metrics.jsonl in {workdir!r}: expected a training workdir. Train one with "
         f"`atac-train --config configs/quickstart.py --workdir {workdir}`.")
@@ -36,11 +37,10 @@ def _metrics_path(workdir: str) -> str:
 
 def _read_config(workdir: str) -> dict:
   path = Layout(workdir).config
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return {}
   try:
-    with open(path, "rb") as f:
-      config = json.loads(f.read().decode("utf-8"))
+    config = json.loads(storage.read_bytes(path).decode("utf-8"))
   except UnicodeDecodeError as e:
     raise CompareError(f"{path} cannot be read: not UTF-8 text (byte {e.start}).") from e
   except json.JSONDecodeError as e:
@@ -118,8 +118,13 @@ def summarize_run(workdir: str, *, label: str | None = None,
           "dataset": config.get("dataset", {}).get("name"), **summarize_records(records)}
 
 
+def _tidy(workdir: str) -> str:
+  """The path as given, tidied (``os.path.normpath`` would turn ``gs://b/x`` into ``gs:/b/x``)."""
+  return workdir.rstrip("/") if storage.is_remote(workdir) else os.path.normpath(workdir)
+
+
 def _default_label(workdir: str) -> str:
-  return os.path.basename(os.path.normpath(workdir))
+  return storage.basename(_tidy(workdir))
 
 
 def run_labels(workdirs: Sequence[str], labels: Sequence[str] | None) -> list[str]:
@@ -132,7 +137,7 @@ def run_labels(workdirs: Sequence[str], labels: Sequence[str] | None) -> list[st
       raise CompareError(f"--labels must be distinct, got {list(labels)}.")
     return list(labels)
   names = [_default_label(w) for w in workdirs]
-  return [os.path.normpath(w) if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
+  return [_tidy(w) if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
 
 
 def compare(workdirs: Sequence[str], out: str, *, labels: Sequence[str] | None = None,
