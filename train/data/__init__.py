@@ -8,6 +8,10 @@ it = data.create_train_iterator(config.dataset, global_batch_size=128, seed=0,
                                 process_count=jax.process_count())
 for batch in data.create_eval_iterable(config.dataset, global_batch_size=256, ...): ...
 ```
+
+Batches hold uint8 pixels; the jitted step makes the model input with
+``atac_train.data.device.DeviceTransform.from_info(info)`` (colour augmentation and normalisation
+on the device; see docs/input.md).
 """
 
 from atac_train.data.config import DatasetInfo, default_config
