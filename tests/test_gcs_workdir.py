@@ -15,7 +15,7 @@ import pytest
 from atac_jax import checkpoint, storage
 from atac_jax.workdir import Layout
 from atac_train import rundir
-from atac_train.trainer import KILL_AT_ENV
+from atac_train.hooks import KILL_AT_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORED = ("train/images_per_second",)  # wall-clock

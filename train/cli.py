@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
-from atac_train import cpu_defaults, interrupts
+from atac_train import cpu_defaults, hooks, interrupts
 
 # command -> module with a run() entry point
 COMMANDS = {
@@ -37,6 +37,7 @@ def _run(command: str) -> None:
   # gcsfs warns on every bucket it opens without default credentials (the emulator, workload
   # identity); its real failures still reach the user as errors.
   logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  hooks.reached("import")
   importlib.import_module(COMMANDS[command]).run()
 
 

@@ -6,8 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import signal
 from typing import Any
 
 import jax
@@ -19,8 +17,8 @@ from jax.experimental import multihost_utils
 from atac_jax import checkpoint as checkpoint_lib
 from atac_jax import ops
 from atac_jax import workdir as workdir_lib
-from atac_train import (checkpointing, data, interrupts, metrics, optim, parallel, resume, rundir,
-                        steps, validation)
+from atac_train import (checkpointing, data, hooks, interrupts, metrics, optim, parallel, resume,
+                        rundir, steps, validation)
 from atac_train.data.device import DeviceTransform
 from atac_train.errors import ConfigError, NonFiniteLossError
 from atac_train.metrics import MetricWriter, Progress, Throughput
@@ -262,10 +260,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rundir.check(workdir)
   layout = workdir_lib.Layout(workdir)
   rundir.lead_only(WorkdirLock(layout.lock).check)  # a busy workdir stops us before any work
+  hooks.reached("setup")
   s = setup(config, devices=devices)
   config_dict = resolved_config(config, s)
   is_lead = jax.process_index() == 0
   with rundir.hold(layout):
+    hooks.reached("locked")
     if fresh and is_lead:
       archived = rundir.archive(layout)
       if archived:
@@ -310,6 +310,7 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
   if _stop_requested():  # interrupted while restoring or initialising: nothing new to save
     return {"step": start_step, "epoch": start_step / s.steps_per_epoch, "preempted": True}
   train_step, eval_step = compile_steps(config, s)
+  hooks.reached("compile")
   writer = MetricWriter(layout.root, enabled=is_lead)
   progress = Progress(total=s.total_steps, initial=start_step,
                       enabled=is_lead and config.progress_bar)
@@ -349,7 +350,8 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
       if save:
         ckpt.save(step, state=state, data_iterator=train_iter, config=config_dict,
                   metrics=ckpt_metrics)
-        _kill_point("checkpoint_saved", step, before=ckpt.wait)
+        hooks.reached("checkpoint_saving", step)
+        hooks.reached("checkpoint_saved", step, before_kill=ckpt.wait)
       if preempted:
         logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
                         "resume.", step)
@@ -358,18 +360,6 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
     progress.close()
     writer.close()
   return {"step": step, "epoch": step / s.steps_per_epoch, "preempted": preempted, **record}
-
-
-# Tests kill a run at a named point instead of timing a signal: ATAC_TRAIN_KILL_AT=NAME:STEP.
-KILL_AT_ENV = "ATAC_TRAIN_KILL_AT"
-
-
-def _kill_point(name: str, step: int, *, before: Any = None) -> None:
-  """SIGKILLs this process at ``NAME:STEP`` when ``$ATAC_TRAIN_KILL_AT`` names it (tests only)."""
-  if os.environ.get(KILL_AT_ENV) == f"{name}:{step}":
-    if before is not None:
-      before()
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init_from_checkpoint(config: ml_collections.ConfigDict, state: TrainState, s: Setup
