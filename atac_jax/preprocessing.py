@@ -105,14 +105,71 @@ class Normalizer:
     return out
 
 
+def _as_images(images: ImageLike | Sequence[ImageLike], channels: int
+               ) -> list[ImageLike]:
+  """Splits ``images`` into single images, checking each array's rank and channel count."""
+  accepted = (f"accepted: uint8 arrays (H, W, {channels}) or (N, H, W, {channels})"
+              + (", (H, W)" if channels == 1 else "") + ", encoded PNG/JPEG bytes, or a "
+              "sequence of these")
+  if isinstance(images, (bytes, bytearray)):
+    return [images]
+  if isinstance(images, np.ndarray):
+    if images.ndim == 4:
+      batch = list(images)
+    elif images.ndim in (2, 3):
+      batch = [images]
+    else:
+      raise ValueError(f"images has shape {images.shape} (rank {images.ndim}); {accepted}.")
+  else:
+    batch = list(images)
+  for image in batch:
+    if isinstance(image, (bytes, bytearray)):
+      continue
+    shape = np.shape(image)
+    if len(shape) == 2 and channels == 1:
+      continue
+    if len(shape) != 3 or shape[-1] != channels:
+      hint = ""
+      if isinstance(images, np.ndarray) and images.ndim == 3 and channels == 1:
+        hint = (f" A 3-D array is one (H, W, C) image; for a batch of {images.shape[0]} "
+                "one-channel images add the channel axis: images[..., None].")
+      raise ValueError(f"an image of shape {shape} does not match the checkpoint's "
+                       f"dataset.image_shape (H, W, C) with C = {channels}; {accepted}.{hint}")
+  return batch
+
+
+def _check_pixels(image: np.ndarray, max_value: float) -> np.ndarray:
+  """``image`` as uint8 if its dtype and values fit ``[0, max_value]``; else a ValueError."""
+  accepted = (f"accepted: integer pixels (uint8) in [0, {max_value:g}], the range the model was "
+              f"trained on (dataset.max_value = {max_value:g})")
+  if not np.issubdtype(image.dtype, np.integer):
+    raise ValueError(
+        f"images have dtype {image.dtype}; {accepted}. Convert pixel values that are whole "
+        f"numbers with images.astype(np.uint8) (scikit-learn's digits are float64 in 0..16); "
+        f"already-normalised inputs go to the model directly.")
+  if image.size:
+    low, high = int(image.min()), int(image.max())
+    if low < 0 or high > max_value:
+      raise ValueError(
+          f"pixel values span [{low}, {high}]; {accepted}. Rescale them first, e.g. "
+          f"np.round(images * {max_value:g} / {high}).astype(np.uint8) for images scaled to "
+          f"0..{high}.")
+  return image.astype(np.uint8) if max_value <= 255 else image
+
+
 def preprocess(images: ImageLike | Sequence[ImageLike], config: Mapping[str, Any]
                ) -> np.ndarray:
   """Prepares images for a model trained with ``config`` exactly as its evaluation did.
 
+  The inputs are checked against the checkpoint's preprocessing record before anything is
+  computed, so that images in another pixel range or layout fail with a message instead of giving
+  confident wrong predictions.
+
   Args:
     images: one image (uint8 (H, W[, C]) array or encoded JPEG/PNG bytes), a batch array
-      (N, H, W, C), or a sequence of images; pixels in ``[0, dataset.max_value]`` (255 for
-      photos, 16 for the digits).
+      (N, H, W, C), or a sequence of images. Pixels are integers in
+      ``[0, dataset.max_value]`` (255 for photos, 16 for the digits); C is the channel count of
+      ``dataset.image_shape``; H and W may differ from it (images are resized as for eval).
     config: the resolved training config saved with the checkpoint (as returned by
       :func:`atac_jax.checkpoint.load`).
 
@@ -121,7 +178,9 @@ def preprocess(images: ImageLike | Sequence[ImageLike], config: Mapping[str, Any
 
   Raises:
     ValueError: if the config lacks the preprocessing record (checkpoints written before it
-      was saved); the message names the missing keys.
+      was saved; the message names the missing keys), or if an image's rank, channel count,
+      dtype (not an integer type) or pixel range (outside ``[0, dataset.max_value]``) does not
+      match the checkpoint's preprocessing; the message says what is accepted.
   """
   dataset = config["dataset"]
   missing = [k for k in ("image_shape", "mean", "std") if not dataset.get(k)]
@@ -129,13 +188,15 @@ def preprocess(images: ImageLike | Sequence[ImageLike], config: Mapping[str, Any
     raise ValueError(f"The config has no dataset.{', dataset.'.join(missing)}: it was saved by "
                      "an older atac-jax; preprocess as its training did.")
   height, width, channels = (int(v) for v in dataset["image_shape"])
-  if isinstance(images, np.ndarray) and images.ndim == 4:
-    images = list(images)
-  elif isinstance(images, (np.ndarray, bytes, bytearray)):
-    images = [images]
+  max_value = float(dataset.get("max_value", 255.0))
   kind = dataset.get("augment", "none")
-  prepared = np.stack([eval_transform(image, kind=kind, size=(height, width), channels=channels)
-                       for image in images])
+  prepared = []
+  for image in _as_images(images, channels):
+    pixels = decode(image, channels)
+    prepared.append(eval_transform(_check_pixels(pixels, max_value), kind=kind,
+                                   size=(height, width), channels=channels))
+  if not prepared:
+    raise ValueError("images is empty; accepted: at least one image.")
   mean = np.broadcast_to(np.asarray(dataset["mean"], np.float32), (channels,))
   std = np.broadcast_to(np.asarray(dataset["std"], np.float32), (channels,))
-  return Normalizer(mean, std, max_value=float(dataset.get("max_value", 255.0)))(prepared)
+  return Normalizer(mean, std, max_value=max_value)(np.stack(prepared))
