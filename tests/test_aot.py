@@ -59,14 +59,14 @@ def test_batch_must_split_over_the_chips():
 
 
 def test_parser_shares_the_train_options():
-  args = bench._parser().parse_args(  # pylint: disable=protected-access
+  args = bench._parser().parse_args(
       ["compile", "--model", "resnet50", "--act", "atac", "--act-layers", "2", "--batch", "256",
        "--dtype", "bf16", "--act-option", "memory_lean=false", "--compare", "relu",
        "--breakdown", "5"])
   assert args.topology == "v5e:2x2" and args.compare == "relu" and args.breakdown == 5
   assert not hasattr(args, "steps") and not hasattr(args, "num_devices")
-  config = bench._train_config(  # pylint: disable=protected-access
-      args, args.act, bench._act_options(args))  # pylint: disable=protected-access
+  config = bench.config_from_args(
+      args, args.act, bench.act_options(args))
   assert dict(config.model.options.act_options) == {"memory_lean": False}
   assert config.model.options.act_layers == 2 and config.half_precision
   assert config.global_batch_size == 256

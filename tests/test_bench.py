@@ -73,14 +73,14 @@ def test_median_interval_edge_cases():
 
 
 def test_activation_options_reach_the_model_config():
-  args = bench._parser().parse_args(  # pylint: disable=protected-access
+  args = bench._parser().parse_args(
       ["train", "--act", "atac", "--act-layers", "1", "--act-option", "memory_lean=false",
        "--act-option", "inner_relu=false", "--compare", "relu", "--dtype", "bf16"])
-  config = bench._train_config(args, args.act, bench._act_options(args))  # pylint: disable=protected-access
+  config = bench.config_from_args(args, args.act, bench.act_options(args))
   assert dict(config.model.options.act_options) == {"memory_lean": False, "inner_relu": False}
   assert config.model.options.act_layers == 1 and config.half_precision
   assert config.dataset.source == "synthetic" and config.global_batch_size == 128
-  relu = bench._train_config(args, "relu", {})  # pylint: disable=protected-access
+  relu = bench.config_from_args(args, "relu", {})
   assert "act_options" not in relu.model.options and "reduction" not in relu.model.options
 
 

@@ -42,7 +42,6 @@ import argparse
 import collections
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -364,7 +363,8 @@ def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]
   if args.breakdown < 0:
     raise ValueError(f"--breakdown must be >= 0 (instructions to list), got {args.breakdown}.")
   require_libtpu()
-  emit = emit or (lambda record: print(json.dumps(record), flush=True))
+  if emit is None:
+    from atac_train.bench import emit  # pylint: disable=g-import-not-at-top  # one record writer
   records = []
   for side, config in (("a", config_a), ("b", config_b)):
     if config is None:
@@ -386,15 +386,14 @@ def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]
 
 def main(args) -> list[dict[str, Any]]:
   """Runs ``atac-bench compile`` for parsed ``args``; a bad argument or no libtpu exits 2."""
-  # pylint: disable=protected-access  # one option parser and config builder for train and compile
   from atac_train import bench  # pylint: disable=g-import-not-at-top
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # effective when JAX has not started yet
   other = argparse.Namespace(act_option=args.compare_act_option)
   try:
-    config_a = bench._train_config(args, args.act, bench._act_options(args))
-    config_b = (bench._train_config(args, args.compare, bench._act_options(other))
+    config_a = bench.config_from_args(args, args.act, bench.act_options(args))
+    config_b = (bench.config_from_args(args, args.compare, bench.act_options(other))
                 if args.compare else None)
-    return run_compile(args, config_a, config_b, emit=lambda r: bench._emit(r, args.out))
+    return run_compile(args, config_a, config_b, emit=lambda r: bench.emit(r, args.out))
   except (ValueError, LibtpuMissingError) as error:
     print(f"atac-bench: error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -319,7 +319,8 @@ def bench_step_with_input(config, *, steps: int = 20, num_devices: int = 1) -> d
           "input_wait_fraction": max(0.0, 1.0 - fixed_s / real_s)}
 
 
-def _act_options(args) -> dict[str, Any]:
+def act_options(args) -> dict[str, Any]:
+  """``--act-option KEY=JSON`` arguments as a dict (a bare ``KEY`` means True)."""
   options: dict[str, Any] = {}
   for item in args.act_option or ():
     key, _, value = item.partition("=")
@@ -327,14 +328,16 @@ def _act_options(args) -> dict[str, Any]:
   return options
 
 
-def _train_config(args, act: str, act_options: dict[str, Any], augment: str = "none"):
+def config_from_args(args, act: str, act_options: dict[str, Any], augment: str = "none"):
+  """The benchmark config of parsed ``atac-bench train``/``compile`` arguments for ``act``."""
   return bench_config(args.model, act, batch=args.batch, dtype=args.dtype,
                       reduction=args.reduction if act.startswith("atac") or act == "se" else None,
                       act_layers=args.act_layers, act_options=act_options, augment=augment,
                       seed=args.seed)
 
 
-def _emit(record: dict[str, Any], out: str | None) -> None:
+def emit(record: dict[str, Any], out: str | None = None) -> None:
+  """Prints a result record as one JSON line and appends it to ``out`` if given."""
   line = json.dumps(record, default=float)
   print(line, flush=True)
   if out:
@@ -438,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:
       print(f"atac-bench: error: {error}", file=sys.stderr)
       sys.exit(2)
-    _emit(record, args.out)
+    emit(record, args.out)
     if not record["ok"]:
       bad = [r["shape"] for r in record["units"] if not r["ok"]]
       print(f"atac-bench kernels: the Pallas backward differs from the XLA backward for units "
@@ -449,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.command == "data":
     from atac_train.data import benchmark  # pylint: disable=g-import-not-at-top
     for workers in args.workers:
-      _emit(benchmark.benchmark_input(args.kind, num_workers=workers,
+      emit(benchmark.benchmark_input(args.kind, num_workers=workers,
                                       num_batches=args.num_batches, batch_size=args.batch,
                                       seed=args.seed, prefetch_buffer=args.prefetch_buffer),
             args.out)
@@ -463,21 +466,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           compare=args.compare, batch=args.batch,
                                           rounds=args.rounds, steps=args.steps, seed=args.seed)
     elif args.command == "step-with-input":
-      config = _train_config(args, args.act, _act_options(args), augment=args.augment)
+      config = config_from_args(args, args.act, act_options(args), augment=args.augment)
       config.dataset.num_workers = args.workers
       record = bench_step_with_input(config, steps=args.steps, num_devices=args.num_devices)
     elif args.compare:
       other = argparse.Namespace(act_option=args.compare_act_option)
-      record = compare(_train_config(args, args.act, _act_options(args)),
-                       _train_config(args, args.compare, _act_options(other)),
+      record = compare(config_from_args(args, args.act, act_options(args)),
+                       config_from_args(args, args.compare, act_options(other)),
                        steps=args.steps, rounds=args.rounds, num_devices=args.num_devices)
     else:
-      record = bench_train(_train_config(args, args.act, _act_options(args)), steps=args.steps,
+      record = bench_train(config_from_args(args, args.act, act_options(args)), steps=args.steps,
                            num_devices=args.num_devices)
   except ValueError as error:
     print(f"atac-bench: error: {error}", file=sys.stderr)
     sys.exit(2)
-  _emit({**record, **flags_info}, args.out)
+  emit({**record, **flags_info}, args.out)
 
 
 def run() -> None:
