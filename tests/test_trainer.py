@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from atac_jax import models
+
 from atac_jax.layers import AReLU
 from conftest import small_quickstart_config
 from atac_train.configs import quickstart
@@ -146,12 +148,12 @@ class _Scaled(nn.Module):
     return x * alpha + beta * gamma
 
 
-def test_arelu_scalars_reports_only_arelu_units():
+def test_learned_scalars_reports_only_arelu_units():
   params = _Decoys().init(jax.random.key(0), np.ones((2, 3), np.float32))["params"]
-  assert trainer.arelu_scalars(params) == {
+  assert models.learned_scalars(params) == {
       "arelu/act1/alpha": pytest.approx(0.9), "arelu/act1/beta": pytest.approx(2.0),
       "arelu/act2/alpha": pytest.approx(0.3), "arelu/act2/beta": pytest.approx(-1.0)}
-  assert trainer.arelu_scalars({}) == {}
+  assert models.learned_scalars({}) == {}
 
 
 def test_pallas_backward_step_matches_xla_on_four_devices(monkeypatch):

@@ -15,6 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from atac_jax import checkpoint as checkpoint_lib
+from atac_jax import models
 from atac_jax import ops
 from atac_jax import workdir as workdir_lib
 from atac_train import (checkpointing, data, hooks, interrupts, metrics, optim, parallel, resume,
@@ -24,7 +25,6 @@ from atac_train.errors import ConfigError, NonFiniteLossError
 from atac_train.metrics import MetricWriter, Progress, Throughput
 from atac_train.state import TrainState, create_train_state
 from atac_train.workdir_lock import WorkdirLock
-from atac_jax.layers import arelu
 
 __all__ = ["NonFiniteLossError", "Setup", "setup", "train_and_evaluate", "build_model",
            "compile_steps", "compile_eval_step", "evaluate", "eval_variables", "resolved_config"]
@@ -144,29 +144,6 @@ def evaluate(eval_step, variables: dict, config: ml_collections.ConfigDict, s: S
     sums = steps.accumulate(sums, eval_step(variables,
                                             parallel.global_batch(local, s.batch_sharding)))
   return steps.summarize_eval(jax.device_get(sums))
-
-
-def arelu_scalars(params: Any) -> dict[str, float]:
-  """AReLU's learned ``alpha`` and ``beta`` per unit as ``arelu/<module path>/{alpha,beta}``.
-
-  Units are found by AReLU's parameter contract (``atac_jax.layers.arelu.is_arelu_params``: a
-  module whose parameters are exactly ``alpha`` and ``beta`` of shape (1,)), not by any
-  parameter that happens to be named ``alpha`` or ``beta``. Raw parameter values (the slopes are
-  ``atac_jax.layers.arelu.slopes(alpha, beta)``). Empty for models without AReLU.
-  """
-  found = {}
-
-  def visit(node: Any, path: tuple[str, ...]) -> None:
-    if arelu.is_arelu_params(node):
-      for name in sorted(node):
-        found["/".join(("arelu", *path, name))] = node[name]
-    elif hasattr(node, "items"):
-      for key, child in node.items():
-        visit(child, (*path, str(key)))
-
-  visit(params, ())
-  return {name: float(np.asarray(value).reshape(-1)[0])
-          for name, value in jax.device_get(found).items()}
 
 
 def _stop_requested() -> bool:
@@ -332,7 +309,7 @@ def _train_loop(config: ml_collections.ConfigDict, s: Setup, *, state: TrainStat
       if step % config.log_every_steps == 0 or epoch_end or save:
         record = acc.flush(step)
         record["train/images_per_second"] = throughput.measure(images_since_log)
-        record.update(arelu_scalars(state.params))
+        record.update(models.learned_scalars(state.params))
         images_since_log = 0
         writer.write(step, step / s.steps_per_epoch, record)
         progress.update(0, loss=record["train/loss"], acc=record["train/accuracy"],

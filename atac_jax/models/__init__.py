@@ -8,10 +8,11 @@ from atac_jax.models.alexnet import AlexNet
 from atac_jax.models.cifar_resnet import BasicBlockV2, CIFARResNetV2
 from atac_jax.models.convnet import ConvMNIST
 from atac_jax.models.registry import (available_models, count_macs, count_params, create,
-                                      init_shapes, model_options)
+                                      init_shapes, learned_scalars, model_options)
 from atac_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = [
     "AlexNet", "BasicBlock", "BasicBlockV2", "Bottleneck", "CIFARResNetV2", "ConvMNIST", "ResNet",
-    "available_models", "count_macs", "count_params", "create", "init_shapes", "model_options",
+    "available_models", "count_macs", "count_params", "create", "init_shapes", "learned_scalars",
+    "model_options",
 ]

@@ -17,9 +17,6 @@ from atac_jax.layers import initializers
 ModuleDef = Any
 ActivationFactory = Callable[..., Any]
 
-# Model-level options forwarded to the chosen activation when it accepts them.
-SHARED_ACTIVATION_OPTIONS = ("reduction", "dtype", "param_dtype")
-
 # He (MSRA) normal initialisation, fan-in: the reference scripts' ``MSRAPrelu`` / ``Xavier(
 # rnd_type='gaussian', factor_type='in', magnitude=2)`` for the host networks' convolutions.
 # (Picklable; draws what ``nn.initializers.variance_scaling(2.0, "fan_in", "normal")`` draws.)

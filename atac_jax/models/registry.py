@@ -16,8 +16,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
+from atac_jax.layers import arelu
 from atac_jax.models import _common
 from atac_jax.models.alexnet import AlexNet
 from atac_jax.models.cifar_resnet import CIFARResNetV2
@@ -158,3 +160,28 @@ def _jaxpr_macs(jaxpr: Any) -> int:
         elif isinstance(sub, jax_core.Jaxpr):
           total += repeat * _jaxpr_macs(sub)
   return total
+
+
+def learned_scalars(params: Any) -> dict[str, float]:
+  """The learned scalars of a network's units, for logging: metric name -> value.
+
+  Today AReLU's ``alpha`` and ``beta`` per unit, as ``arelu/<module path>/{alpha,beta}``.
+
+  Units are found by AReLU's parameter contract (``atac_jax.layers.arelu.is_arelu_params``: a
+  module whose parameters are exactly ``alpha`` and ``beta`` of shape (1,)), not by any
+  parameter that happens to be named ``alpha`` or ``beta``. Raw parameter values (the slopes are
+  ``atac_jax.layers.arelu.slopes(alpha, beta)``). Empty for models without AReLU.
+  """
+  found = {}
+
+  def visit(node: Any, path: tuple[str, ...]) -> None:
+    if arelu.is_arelu_params(node):
+      for name in sorted(node):
+        found["/".join(("arelu", *path, name))] = node[name]
+    elif hasattr(node, "items"):
+      for key, child in node.items():
+        visit(child, (*path, str(key)))
+
+  visit(params, ())
+  return {name: float(np.asarray(value).reshape(-1)[0])
+          for name, value in jax.device_get(found).items()}
