@@ -55,6 +55,24 @@ def test_every_recipe_passes_validation():
     validation.validate(runpy.run_path(config_file.resolve(name))["get_config"]())
 
 
+def test_one_table_covers_every_config_key():
+  """validation.settings() has exactly the keys of defaults.base_config(), and the keys resume
+  accepts changes of are among them."""
+  from atac_train import defaults, resume  # pylint: disable=g-import-not-at-top
+
+  def leaves(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict) and value and key != "options":
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+
+  keys = set(leaves(defaults.base_config().to_dict()))
+  assert set(validation.settings()) == keys
+  assert set(resume.RESUMABLE) < keys and "num_epochs" not in resume.RESUMABLE
+  assert "dataset.num_workers" not in resume.RESUMABLE  # it shapes the saved iterator state
+
+
 def test_workdir_that_is_a_file_or_not_writable(tmp_path):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("x")

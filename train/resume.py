@@ -25,16 +25,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from atac_jax.workdir import Layout, read_json, write_json
+from atac_train import validation
 from atac_train.checkpointing import Checkpointer
 from atac_train.errors import ResumeError, describe
 
-# Settings that may differ on resume: they decide what is logged, evaluated, kept or where the
-# same data is read from, never what is trained. (eval_batch_size changes the eval sums' order,
-# i.e. eval numbers by float rounding only.) num_workers is absent: it changes the structure of
-# the saved data-iterator state.
-RESUMABLE = ("log_every_steps", "eval_every_epochs", "eval_batch_size", "checkpoint_every_steps",
-             "keep_checkpoints", "keep_every_epochs", "progress_bar", "init_from",
-             "dataset.prefetch_buffer", "dataset.data_dir", "dataset.path")
+# Settings that may differ on resume, from the one table of config keys (validation.settings).
+RESUMABLE = validation.resumable_keys()
 # May grow with extend=True (atac-train --extend).
 EXTENDABLE = "num_epochs"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 
@@ -85,8 +85,41 @@ def _ascending_epochs(v: Any) -> bool:
           and list(v) == sorted(v))
 
 
-def checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
-  """Every checked key (dotted, under ``config``) -> (predicate, what is accepted)."""
+class Setting(NamedTuple):
+  """What the trainer knows of one config key besides its default (``defaults.base_config``).
+
+  Attributes:
+    check: whether a value is accepted.
+    accepted: what is accepted, for the error message.
+    resumable: the value may differ when a run resumes (it decides what is logged, evaluated,
+      kept or where the same data is read from, never what is trained; ``atac_train.resume``).
+  """
+  check: Callable[[Any], bool]
+  accepted: str
+  resumable: bool = False
+
+
+# May differ on resume (see Setting.resumable). eval_batch_size changes the eval sums' order,
+# i.e. eval numbers by float rounding only; num_workers is absent: it changes the structure of
+# the saved data-iterator state.
+_RESUMABLE = ("log_every_steps", "eval_every_epochs", "eval_batch_size", "checkpoint_every_steps",
+              "keep_checkpoints", "keep_every_epochs", "progress_bar", "init_from",
+              "dataset.prefetch_buffer", "dataset.data_dir", "dataset.path")
+
+
+def settings() -> dict[str, Setting]:
+  """Every config key (dotted, under ``config``) -> its :class:`Setting`: the one table that
+  validation and resume read (a test ties its keys to ``defaults.base_config``)."""
+  return {key: Setting(check, accepted, key in _RESUMABLE)
+          for key, (check, accepted) in _checks().items()}
+
+
+def resumable_keys() -> tuple[str, ...]:
+  """The keys whose value may differ when a run resumes."""
+  return tuple(key for key, setting in settings().items() if setting.resumable)
+
+
+def _checks() -> dict[str, tuple[Callable[[Any], bool], str]]:
   return {
       "seed": ((lambda v: _is_int(v) and 0 <= v < 2**32), "an integer in [0, 2**32)"),
       "model.name": _choice(models.available_models()),
@@ -149,7 +182,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: ``config.KEY=VALUE is not accepted; accepted: ...``.
   """
-  for key, (accepted, description) in checks().items():
+  for key, (accepted, description, _) in settings().items():
     value = _get(config, key)
     if value is _MISSING:
       continue
