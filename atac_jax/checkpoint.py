@@ -16,7 +16,8 @@ layout and the model come from :mod:`atac_jax.workdir`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import grain
@@ -30,7 +31,48 @@ from atac_jax import preprocessing, storage
 from atac_jax.workdir import CONFIG_ITEM, DATA_ITEM, STATE_ITEM, Layout, build_model
 
 __all__ = ["load", "preprocess", "restore", "resolve_step_dir", "read_config", "build_model",
-           "merge_matching", "open_manager", "available_steps"]
+           "merge_matching", "open_manager", "available_steps", "restore_newest",
+           "DamagedStepError"]
+
+T = TypeVar("T")
+
+
+class DamagedStepError(Exception):
+  """A checkpoint step that cannot be restored; the message is the reason, already described."""
+
+
+def describe_failure(error: BaseException) -> str:
+  """One line for why a step did not restore (tensorstore's spec dumps cut off)."""
+  if isinstance(error, DamagedStepError):
+    return str(error)
+  return storage.describe_error(error, limit=300)
+
+
+def restore_newest(steps: Sequence[int], restore_step: Callable[[int], T], *, directory: str,
+                   propagate: tuple[type[BaseException], ...] = ()
+                   ) -> tuple[int | None, T | None, list[tuple[int, str]]]:
+  """The one fallback over checkpoint steps: ``restore_step(step)`` from the newest step down.
+
+  A step whose restore raises is damaged (truncated or corrupted files): it is logged with a
+  warning and the previous one is tried. Exceptions of the ``propagate`` types are not damage
+  (e.g. a refused config) and are raised.
+
+  Returns:
+    ``(step, value, failures)`` of the newest step that restored, or ``(None, None, failures)``;
+    ``failures`` lists ``(step, reason)`` of the damaged steps above it.
+  """
+  failures: list[tuple[int, str]] = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore_step(step), failures
+    except propagate:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  # any damage: try the previous
+      reason = describe_failure(error)
+      failures.append((step, reason))
+      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous "
+                      "one.", step, directory, reason)
+  return None, None, failures
 
 preprocess = preprocessing.preprocess
 
@@ -154,24 +196,21 @@ def restore(path: str, *, step: int | None = None,
     raise _no_checkpoint(path, None)
   sharding = sharding or _local_replicated()
   manager = open_manager(directory)
-  failures = []
+
+  def restore_step(candidate: int) -> tuple[dict, dict]:
+    return (restore_state(manager, candidate, abstract_state(manager, candidate, sharding)),
+            restore_config(manager, candidate))
+
   try:
-    for candidate in ([step] if step is not None else steps[::-1]):
-      try:
-        config = restore_config(manager, candidate)
-        state = restore_state(manager, candidate, abstract_state(manager, candidate, sharding))
-      except Exception as error:  # pylint: disable=broad-except  # damaged: try the previous
-        if step is not None:
-          raise
-        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-        failures.append(f"step {candidate}: {reason}")
-        logging.warning("Checkpoint step %d in %s cannot be restored (%s); using the previous "
-                        "one.", candidate, directory, reason)
-        continue
-      return candidate, state, config
+    if step is not None:  # a named step: its errors are the caller's
+      return (step, *restore_step(step))
+    found, restored, failures = restore_newest(steps, restore_step, directory=directory)
   finally:
     manager.close()
-  raise ValueError(f"No checkpoint under {path} restores: {'; '.join(failures)}.")
+  if found is None:
+    reasons = "; ".join(f"step {s}: {reason}" for s, reason in failures)
+    raise ValueError(f"No checkpoint under {path} restores: {reasons}.")
+  return (found, *restored)
 
 
 def read_config(path: str, *, step: int | None = None) -> dict:

@@ -27,6 +27,13 @@ class StorageError(ValueError):
   """A path whose scheme is not supported, or whose filesystem package is missing."""
 
 
+def describe_error(error: BaseException, *, limit: int = 200) -> str:
+  """``Type: message`` on one line, shortened (tensorstore's spec and source dumps cut off)."""
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  text = text.split(" [source locations=")[0]
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
 def scheme(path: str | os.PathLike) -> str | None:
   """The URL scheme of ``path`` (``'gs'`` for ``gs://b/x``), or None for a local path."""
   match = _URL.match(os.fspath(path))

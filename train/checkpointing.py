@@ -131,16 +131,12 @@ class Checkpointer:
     Returns:
       ``(step, state)``, or None when there is no checkpoint.
     """
-    candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    for candidate in candidates:
-      try:
-        return candidate, self.restore_step(candidate, abstract_state, data_iterator)
-      except Exception as error:  # pylint: disable=broad-except
-        if step is not None:
-          raise
-        logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the "
-                        "previous one.", candidate, self.directory, describe(error))
-    return None
+    if step is not None:
+      return step, self.restore_step(step, abstract_state, data_iterator)
+    found, state, _ = ckpt_lib.restore_newest(
+        self.all_steps(), lambda s: self.restore_step(s, abstract_state, data_iterator),
+        directory=self.directory)
+    return None if found is None else (found, state)
 
   def restore_step(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
     """The state of ``step`` and, once that restored, the iterator position (reset on failure)."""

@@ -5,6 +5,8 @@ Each message names what is wrong (the key, the value, the path) and what is acce
 
 from __future__ import annotations
 
+from atac_jax import storage
+
 
 class TrainingError(Exception):
   """Base class: a problem with the user's settings or workdir, not a bug (no traceback)."""
@@ -31,10 +33,8 @@ class NonFiniteLossError(TrainingError, RuntimeError):
 
 
 def describe(error: BaseException) -> str:
-  """``Type: message`` on one line, shortened (tensorstore's spec dumps cut off)."""
-  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
-  text = text.split(" [source locations=")[0]
-  return f"{type(error).__name__}: {text[:200]}"
+  """``Type: message`` on one line, shortened (see :func:`atac_jax.storage.describe_error`)."""
+  return storage.describe_error(error)
 
 
 # Substrings of OS, tensorstore and cloud-client errors -> what the user should fix.

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from atac_jax import checkpoint as checkpoint_lib
 from atac_jax.workdir import Layout, read_json, write_json
 from atac_train import validation
 from atac_train.checkpointing import Checkpointer
@@ -126,20 +127,23 @@ def find_start(ckpt: Checkpointer, *, abstract_state: Any, data_iterator: Any,
     ResumeError: the config differs from the checkpoint's, or no checkpoint restores.
   """
   workdir = ckpt.layout.root
-  failed: list[tuple[int, str]] = []
-  for step in sorted(ckpt.all_steps(), reverse=True):
-    ok, saved, error = _attempt(lambda: ckpt.restore_config(step))  # pylint: disable=cell-var-from-loop
-    if ok:
-      _repair_config_file(ckpt.layout, saved, step=step)
-      check_config(saved, config, extend=extend, workdir=workdir, step=step)
-      ok, state, error = _attempt(
-          lambda: ckpt.restore_step(step, abstract_state, data_iterator))  # pylint: disable=cell-var-from-loop
+
+  def restore_step(step: int) -> tuple[dict, Any]:
+    ok, saved, error = _attempt(lambda: ckpt.restore_config(step))
     if not ok:
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous "
-                      "one.", step, ckpt.directory, error)
-      failed.append((step, error))
-      continue
+      raise checkpoint_lib.DamagedStepError(error)
+    _repair_config_file(ckpt.layout, saved, step=step)
+    check_config(saved, config, extend=extend, workdir=workdir, step=step)
+    ok, state, error = _attempt(lambda: ckpt.restore_step(step, abstract_state, data_iterator))
+    if not ok:
+      raise checkpoint_lib.DamagedStepError(error)
+    return saved, state
+
+  step, restored, failed = checkpoint_lib.restore_newest(
+      ckpt.all_steps(), restore_step, directory=ckpt.directory, propagate=(ResumeError,))
+  if step is not None:
     _move_aside(ckpt, [s for s, _ in failed])
+    saved, state = restored
     return Start(step=step, state=state, saved_config=saved)
   if failed:
     errors = "; ".join(f"step {s}: {e}" for s, e in failed)
