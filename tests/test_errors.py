@@ -156,6 +156,7 @@ MOMENTS = {"importing": "import", "setup": "setup", "restore": "locked", "compil
            "twice": "compile*2"}
 
 
+@pytest.mark.slow  # starts trainer processes, two of which train a step
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_ctrl_c_at_any_moment_exits_cleanly(tmp_path, moment):
   """SIGINT while importing, while loading data and tracing the model (before the workdir lock),
