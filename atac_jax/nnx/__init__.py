@@ -1,4 +1,4 @@
-"""Flax NNX API: the ATAC units (and the model registry) as ``nnx.Module``s.
+"""Flax NNX API: the ATAC units (and the model registry) as ``nnx.Module`` subclasses.
 
 >>> from flax import nnx
 >>> import atac_jax.nnx as anx
