@@ -102,8 +102,8 @@ def test_preprocess_gives_exactly_the_eval_inputs(trained_workdir):
 
 
 def _readme_block(marker):
-  """The python code block of the README that follows the line containing ``marker``."""
-  with open(os.path.join(REPO, "README.md")) as f:
+  """The python code block of docs/checkpoints.md that follows the line containing ``marker``."""
+  with open(os.path.join(REPO, "docs", "checkpoints.md")) as f:
     text = f.read()
   block = text[text.index(marker):].split("```python\n", 1)[1].split("```", 1)[0]
   return block
