@@ -223,3 +223,20 @@ def test_jitter_factor_draws():
   np.testing.assert_array_equal(order, rng.permutation(3))
   gray_factors, gray_order = augment.jitter_factors(_rng(0), channels=1, strength=0.4)
   assert gray_factors[2] == 1.0 and gray_order[2] == 2 and sorted(gray_order[:2]) == [0, 1]
+
+
+@pytest.mark.parametrize("kind, shape, size", [("imagenet", (375, 500), 224),
+                                               ("imagenet", (1200, 1600), 112),
+                                               ("alexnet", (300, 400), 128)])
+def test_simplejpeg_and_pil_decode_the_same_pixels(monkeypatch, kind, shape, size):
+  """The two JPEG decoders of the host recipe (simplejpeg where installed, else PIL) give the same
+  examples, at full and at reduced DCT scale."""
+  pytest.importorskip("simplejpeg")
+  jpeg = _jpeg(shape)
+  fn = augment.train_augment(kind, size=size, channels=3)
+  fast = [fn(jpeg, _rng(seed)) for seed in range(12)]
+  monkeypatch.setattr(augment, "_simplejpeg", None)
+  for seed, example in enumerate(fast):
+    reference = fn(jpeg, _rng(seed))
+    np.testing.assert_array_equal(example["image"], reference["image"])
+    np.testing.assert_array_equal(example["augment"], reference["augment"])

@@ -118,9 +118,10 @@ def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int 
   for i in range(num_images):
     rng = np.random.default_rng([seed, i])
     t0 = time.perf_counter()
-    img, box = augment_lib.open_crop(jpegs[i % len(jpegs)], rng, size=224, channels=3)
+    jpeg = jpegs[i % len(jpegs)]
+    img, box = augment_lib.open_crop(jpeg, rng, size=224, channels=3)
     t1 = time.perf_counter()
-    img.load()
+    img = augment_lib.decode_opened(img, jpeg, channels=3)
     t2 = time.perf_counter()
     crop = img.resize((224, 224), Image.BILINEAR, box=box)
     t3 = time.perf_counter()
