@@ -8,10 +8,13 @@ sends their records to a log file instead; the error line names that file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+import sys
 import tempfile
+import warnings
 
 # Loggers whose records go to the file: Orbax (save threads), asyncio ("exception was never
 # retrieved" at exit), and the trainer's own record of a failed save.
@@ -61,7 +64,36 @@ def divert() -> str:
   for handler in root.handlers:
     handler.addFilter(_Diverted())
   root.addHandler(_FileHandler(_path))
+  # tensorstore completes Orbax's futures from its own threads through the event loop; once a
+  # failed save has closed the loop, each late completion reports "Event loop is closed" as an
+  # unraisable exception (or through sys.excepthook), and the abandoned writes warn that their
+  # coroutines were never awaited.
+  sys.excepthook = functools.partial(_excepthook, sys.excepthook)
+  sys.unraisablehook = functools.partial(_unraisablehook, sys.unraisablehook)
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                          category=RuntimeWarning)
   return _path
+
+
+def _closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _excepthook(original, exc_type, exc, traceback) -> None:
+  if _closed_loop(exc):
+    logging.getLogger("asyncio").warning("Late completion after the event loop closed.",
+                                         exc_info=(exc_type, exc, traceback))
+    return
+  original(exc_type, exc, traceback)
+
+
+def _unraisablehook(original, unraisable) -> None:
+  if _closed_loop(unraisable.exc_value):
+    logging.getLogger("asyncio").warning(
+        "Late completion after the event loop closed.",
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+    return
+  original(unraisable)
 
 
 def written() -> str | None:
