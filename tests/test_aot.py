@@ -192,3 +192,34 @@ def test_compile_pallas_backward_on_v5e(capsys):
   assert not any("pallas" in s for s in (t["source"] for t in b["breakdown"]["by_source"]))
   assert not any(t["op"].startswith("all-gather") for t in a["breakdown"]["top"])
   assert ratio["bytes_accessed_ratio"] < 1  # fewer bytes than the XLA backward
+
+
+@pytest.mark.parametrize("n, hw, c", [(32, 32, 16), (32, 16, 32), (32, 8, 64), (128, 8, 64),
+                                      (64, 8, 32), (8, 8, 16)])
+def test_xla_tpu_layout_matches_pallas_batch_minor_layout(n, hw, c):
+  """``pallas_backward.batch_minor_layout`` hard-codes the layout XLA:TPU gives an activation
+  between two convolutions (batch minor ``{0,3,2,1}`` or channels minor ``{3,0,2,1}``); the
+  kernels take the same so the transposes to their rows are bitcasts. Fails when XLA:TPU's
+  choice changes (one v5e chip, libtpu only; a few seconds per shape)."""
+  pytest.importorskip("libtpu")
+  import re  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from atac_jax.ops import pallas_backward  # pylint: disable=g-import-not-at-top
+  device = aot.topology_devices(aot.parse_topology("v5e:2x2"))[0]
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                            sharding=jax.sharding.SingleDeviceSharding(device))
+  numbers = ("NHWC", "HWIO", "NHWC")
+
+  def two_convs(x, w1, w2):
+    h = jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME", dimension_numbers=numbers)
+    return jax.lax.conv_general_dilated(jax.nn.relu(h), w2, (1, 1), "SAME",
+                                        dimension_numbers=numbers)
+
+  text = jax.jit(two_convs).lower(spec((n, hw, hw, c)), spec((3, 3, c, c)),
+                                  spec((3, 3, c, c))).compile().as_text()
+  layouts = set(re.findall(rf"f32\[{n},{hw},{hw},{c}\]\{{([0-9,]+)", text))
+  batch_minor, channels_minor = "0,3,2,1", "3,0,2,1"
+  want, other = ((batch_minor, channels_minor) if pallas_backward.batch_minor_layout(n, c)
+                 else (channels_minor, batch_minor))
+  assert want in layouts and other not in layouts, layouts

@@ -145,7 +145,8 @@ def test_memory_lean_backward_keeps_only_the_inputs(one_device):
   """
   activation = 4 * SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3]
   with batch_on_one_device(one_device):
-    assert ops.lean._tie_mode() == ("scalar" if one_device else "zeros")
+    assert ops.choose(ops.Request("lean", "xla"), train=True).tie == ("scalar" if one_device
+                                                                        else "zeros")
     lean, plain = _grad_temp_bytes(True), _grad_temp_bytes(False)
   assert lean < 0.7 * plain, (lean, plain)
   # 4 unit inputs (x of unit 1 is an argument, so 3 are temporaries) plus a working set of a

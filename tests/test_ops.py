@@ -159,45 +159,67 @@ def test_sigmoid_tail_does_not_underflow():
     np.testing.assert_allclose(dx, jax.nn.sigmoid(-20.0) * np.ones_like(dx), rtol=1e-3)
 
 
+def _kernel_operands():
+  """A float32 input and parameters the Pallas kernels apply to (channels multiples of 8)."""
+  f = jnp.float32
+  params = GateParams(Projection(jnp.ones((16, 8), f)), Affine(jnp.ones(8, f), jnp.zeros(8, f)),
+                      Projection(jnp.ones((8, 16), f)), Affine(jnp.ones(16, f), jnp.zeros(16, f)))
+  return jnp.zeros((8, 4, 4, 16), f), params
+
+
 def test_module_backward_kernel_auto_is_pallas_on_tpu_where_the_split_is_known(monkeypatch):
   """TPU: the kernels under 'auto' on one device or under a data_parallel declaration; with
   several devices and none (the kernels would see the whole batch) the XLA backward; GPU and
   CPU: the XLA backward."""
-  impl = lambda: ops.module_impl(memory_lean=True, backward_kernel="auto")
+  x, params = _kernel_operands()
+  module = lambda memory_lean=True, kernel="auto": ops.Request.from_module(
+      memory_lean=memory_lean, backward_kernel=kernel)
+  backward = lambda request=module(): ops.choose(request, train=True, x=x,
+                                                 params=params).backward
   with ops.policy.lowering_platform("tpu"):
     assert ops.policy.choice("backward_kernel") == "pallas"
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert impl() == "pallas"
+    assert backward() is ops.Backward.PALLAS
     monkeypatch.setattr(jax, "device_count", lambda: 4)
-    assert impl() == "auto"
+    assert backward() is ops.Backward.XLA
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with ops.pallas_backward.data_parallel(mesh, ("data",)):
-      assert impl() == "pallas"
-    assert ops.module_impl(memory_lean=True, backward_kernel="xla") == "auto"
-    assert ops.module_impl(memory_lean=False, backward_kernel="auto") == "reference"
+      assert backward() is ops.Backward.PALLAS
+    assert backward(module(kernel="xla")) is ops.Backward.XLA
+    assert backward(module(memory_lean=False)) is ops.Backward.REFERENCE
   for platform in ("gpu", "cpu"):
     with ops.policy.lowering_platform(platform):
       monkeypatch.setattr(jax, "device_count", lambda: 1)
-      assert impl() == "auto"
+      assert backward() is ops.Backward.XLA
 
 
-def test_resolve_impl_and_policy():
-  assert ops.resolve_impl("auto", train=True) == ops.policy.choice("gate_impl") == "lean"
-  assert ops.resolve_impl("auto", train=False) == "reference"
-  assert ops.resolve_impl("auto", train=True, axis_name="d") == "reference"
+def test_choose_and_policy():
+  x, params = _kernel_operands()
+  impl = ops.Request.from_impl
+  module = lambda memory_lean, kernel: ops.Request.from_module(memory_lean=memory_lean,
+                                                               backward_kernel=kernel)
+  backward = lambda request, train=True, axis_name=None: ops.choose(
+      request, train=train, axis_name=axis_name, x=x, params=params).backward
+  assert backward(impl("auto")) is ops.Backward.XLA and ops.policy.choice("gate_impl") == "lean"
+  assert backward(impl("auto"), train=False) is ops.Backward.REFERENCE
+  assert backward(impl("auto"), axis_name="d") is ops.Backward.REFERENCE
   with pytest.raises(ValueError, match=r"accepted: \['auto', 'lean', 'pallas', 'reference'\]"):
-    ops.resolve_impl("fast", train=True)
-  assert ops.resolve_impl("pallas", train=True) == "pallas"
-  assert ops.resolve_impl("pallas", train=False) == "reference"  # nothing kept in inference
+    impl("fast")
+  assert backward(impl("pallas")) is ops.Backward.PALLAS
+  assert backward(impl("pallas"), train=False) is ops.Backward.REFERENCE  # nothing kept
+  assert backward(impl("lean"), train=False) is ops.Backward.XLA  # the lean op, running stats
   with ops.policy.lowering_platform("cpu"):  # policy: xla
-    assert ops.module_impl(memory_lean=True, backward_kernel="auto") == "auto"
-  assert ops.module_impl(memory_lean=True, backward_kernel="pallas") == "pallas"
-  assert ops.module_impl(memory_lean=False, backward_kernel="pallas") == "reference"
+    assert backward(module(True, "auto")) is ops.Backward.XLA
+  assert backward(module(True, "pallas")) is ops.Backward.PALLAS
+  assert backward(module(False, "pallas")) is ops.Backward.REFERENCE
   # cross-device statistics: the kernels do not apply; the reference op runs (no error)
-  assert ops.module_impl(memory_lean=True, backward_kernel="pallas", axis_name="b") == "auto"
-  assert ops.resolve_impl("auto", train=True, axis_name="b") == "reference"
+  assert backward(module(True, "pallas"), axis_name="b") is ops.Backward.REFERENCE
   with pytest.raises(ValueError, match="axis_name"):
-    ops.resolve_impl("lean", train=True, axis_name="d")
+    backward(impl("lean"), axis_name="d")
+  with pytest.raises(ValueError, match="backward_kernel"):
+    module(True, "cuda")
+  # each choice names the table row that decided it
+  assert ops.choose(impl("auto"), train=False).reason.startswith("4:")
   with ops.policy.lowering_platform("tpu"):
     assert ops.policy.platform() == "tpu"
     assert ops.policy.choice("colsum") == "reduce" and ops.policy.choice("tie") == "barrier"
@@ -228,15 +250,15 @@ def test_policy_choices_give_equal_results(platform, shape):
 def test_tie_mode_follows_where_the_batch_lies(monkeypatch):
   """CPU: the scalar tie where the batch lies on one device, else element-wise zeros (no
   collective); TPU and GPU: the optimisation barrier. Resolved when the op is traced."""
-  config = lambda: ops.lean._config(EPS, True, "xla").tie
+  config = lambda: ops.choose(ops.Request("lean", "xla"), train=True).tie
   assert jax.device_count() == 8 and config() == "zeros"  # undeclared, several devices
   with batch_on_one_device():
     assert config() == "scalar"
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
   with ops.pallas_backward.data_parallel(mesh, ("data",)):
-    assert not ops.pallas_backward.batch_on_one_device() and config() == "zeros"
+    assert not ops.dispatch.where_batch_lies().on_one_device and config() == "zeros"
   monkeypatch.setattr(jax, "device_count", lambda: 1)
-  assert ops.pallas_backward.batch_on_one_device() and config() == "scalar"
+  assert ops.dispatch.where_batch_lies().on_one_device and config() == "scalar"
   for platform in ("tpu", "gpu"):
     with ops.policy.lowering_platform(platform):
       assert config() == "barrier"
@@ -271,7 +293,7 @@ def test_lean_gradients_equal_under_each_tie(tie, monkeypatch):
 
   args = ((x, p), (x, p), (x, norm, p))
   with batch_on_one_device(one_device):
-    assert ops.lean._tie_mode() == tie
+    assert ops.choose(ops.Request("lean", "xla"), train=True).tie == tie
     got = [jax.grad(f, tuple(range(len(a))))(*a) for f, a in zip(losses("lean"), args)]
     check_grads(losses("lean")[2], args[2], order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
   want = [jax.grad(f, tuple(range(len(a))))(*a) for f, a in zip(losses("reference"), args)]

@@ -7,7 +7,7 @@ SE-like channel gate that keeps its BNs.
 
 The module declares the variables (named like the reference so weights port 1:1) and calls the
 pure ops of :mod:`atac_jax.ops`: the memory-lean gate in training by default, the
-reference gate otherwise (see :mod:`atac_jax.ops.gate` for which op runs when).
+reference gate otherwise (:func:`atac_jax.ops.dispatch.choose` says which runs when, and why).
 
 Fused BatchNorm (``ATAC(...)(x, train=True, norm=BatchNormVariables(...))``, what the host
 networks use for every ``BN -> ATAC`` pair): the unit's input is itself a BatchNorm output; the
@@ -66,7 +66,8 @@ class ATAC(nn.Module):
       on TPU where the batch's split is known, one device or a ``pallas_backward.data_parallel``
       step; ``"xla"`` elsewhere), ``"xla"``, or ``"pallas"``: the training backward pass of a
       float32 unit as two Pallas kernels where they apply (``atac_jax.ops.pallas_backward``;
-      Mosaic on TPU, Pallas' interpreter on the CPU, the XLA backward on GPU).
+      Mosaic on TPU, Pallas' interpreter on the CPU, the XLA backward on GPU). Which backward
+      runs, and why: :func:`atac_jax.ops.dispatch.choose`.
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); the reference op runs.
     train: training mode (batch statistics, ``batch_stats`` updates); flax's convention: the
@@ -149,9 +150,10 @@ class ATAC(nn.Module):
     """
     return train and self.memory_lean and not self.use_global and self.axis_name is None
 
-  def _impl(self) -> str:
-    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel,
-                           axis_name=self.axis_name)
+  def _impl(self) -> ops.Request:
+    """The unit's request to :func:`atac_jax.ops.choose` (which backward runs, and why)."""
+    return ops.Request.from_module(memory_lean=self.memory_lean,
+                                   backward_kernel=self.backward_kernel)
 
   def _variables(self, channels: int, hidden: int, dtype: Any):
     """Declares the variables (same tree as linen ``Conv``/``BatchNorm`` submodules)."""

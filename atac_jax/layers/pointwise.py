@@ -19,11 +19,8 @@ class PointwiseConv(nn.Module):
   interchangeable with ``nn.Conv(features, (1, 1))``; the contraction is a plain ``dot_general``,
   which XLA lowers to a GEMM without the convolution machinery.
 
-  Measured on the 2-core dev CPU (jaxlib 0.10.2), forward + backward of one 1x1 layer at the
-  CIFAR ResNet-20 shapes (batch 128): with XLA's default YNNPACK fusions the dot is 1.7-2.5x
-  faster than ``nn.Conv((1, 1))`` (e.g. 32x32x16 -> 8: 5.2 vs 8.7 ms); without them (the
-  ``train.cpu_defaults`` setting) the two are within 15% of each other either way. In a whole
-  ATAC ResNet-20 train step (plain autodiff ATAC) the choice changes the step time by < 2%.
+  A dense contraction rather than ``nn.Conv((1, 1))``: faster on XLA:CPU with its default
+  fusions and no slower elsewhere (``docs/ops_decisions.md``).
 
   Attributes:
     features: number of output channels.

@@ -44,7 +44,8 @@ class ATAC(nnx.Module):
       reference op.
     backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy), ``"xla"`` or
       ``"pallas"`` (the training backward pass as two Pallas kernels where they apply; see
-      ``atac_jax.ops.pallas_backward`` and ``atac_jax.layers.ATAC``).
+      ``atac_jax.ops.pallas_backward`` and ``atac_jax.layers.ATAC``); the decision table is
+      :func:`atac_jax.ops.dispatch.choose`'s.
     axis_name: ``shard_map``/``pmap`` axis over which batch statistics are global.
     use_running_average: initial mode (False: training, as ``nnx.BatchNorm``).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
@@ -74,7 +75,7 @@ class ATAC(nnx.Module):
     self.param_dtype = param_dtype
     self.memory_lean = memory_lean
     self.backward_kernel = backward_kernel
-    ops.module_impl(memory_lean=memory_lean, backward_kernel=backward_kernel)  # validates
+    ops.Request.from_module(memory_lean=memory_lean, backward_kernel=backward_kernel)  # validates
     self.axis_name = axis_name
     self.use_running_average = use_running_average
     self.conv_down = Pointwise(in_features, hidden, use_bias=use_bias, param_dtype=param_dtype,
@@ -153,6 +154,7 @@ class ATAC(nnx.Module):
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
-  def _impl(self) -> str:
-    return ops.module_impl(memory_lean=self.memory_lean, backward_kernel=self.backward_kernel,
-                           axis_name=self.axis_name)
+  def _impl(self) -> ops.Request:
+    """The unit's request to :func:`atac_jax.ops.choose` (which backward runs, and why)."""
+    return ops.Request.from_module(memory_lean=self.memory_lean,
+                                   backward_kernel=self.backward_kernel)

@@ -5,14 +5,17 @@
 >>> y = gate(x, params, running, epsilon=1e-5, inner_relu=True)        # inference
 
 The Flax modules (:mod:`atac_jax.layers`, :mod:`atac_jax.nnx`) declare variables and call these.
-Backend-specific choices live in :mod:`atac_jax.ops.policy`.
+Which backward pass runs is :func:`atac_jax.ops.dispatch.choose` (one decision table);
+backend-specific choices live in :mod:`atac_jax.ops.policy`.
 """
 
-from atac_jax.ops import batch_norm, lean, pallas_backward, policy, reference
-from atac_jax.ops.gate import IMPLS, gate, module_impl, norm_gate, resolve_impl
+from atac_jax.ops import batch_norm, dispatch, lean, pallas_backward, policy, reference
+from atac_jax.ops.dispatch import Backward, Choice, Request, choose
+from atac_jax.ops.gate import IMPLS, gate, norm_gate
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
 
 __all__ = [
-    "Affine", "GateParams", "GateStats", "IMPLS", "Moments", "Projection", "batch_norm", "gate",
-    "lean", "module_impl", "norm_gate", "pallas_backward", "policy", "reference", "resolve_impl",
+    "Affine", "Backward", "Choice", "GateParams", "GateStats", "IMPLS", "Moments", "Projection",
+    "Request", "batch_norm", "choose", "dispatch", "gate", "lean", "norm_gate", "pallas_backward",
+    "policy", "reference",
 ]

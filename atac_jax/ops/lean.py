@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from atac_jax.ops import batch_norm, pallas_backward, policy, reductions
+from atac_jax.ops import batch_norm, dispatch, pallas_backward, policy, reductions
 from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
@@ -39,17 +39,22 @@ from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projectio
 class Config:
   """Static options of the gate (hashable: a ``nondiff_argnums`` argument).
 
-  ``kernel``: ``"xla"``, or ``"pallas"`` for the training backward pass as the two kernels of
-  :mod:`atac_jax.ops.pallas_backward` where they apply (TPU: Mosaic; CPU: Pallas' interpreter,
-  for tests; GPU and other inputs: the XLA backward); ``parallel``
-  the batch's mesh axes declared when the op was traced (``pallas_backward.data_parallel``);
-  ``tie`` how the backward pass's recomputation waits for the cotangent (:func:`_tie`).
+  ``choice``: how the backward pass runs, resolved when the op is traced
+  (:func:`atac_jax.ops.dispatch.choose`); None is the XLA backward with the ``"barrier"`` tie.
   """
   epsilon: float
   inner_relu: bool
-  kernel: str = "xla"
-  parallel: Optional[pallas_backward.DataParallel] = None
-  tie: str = "barrier"
+  choice: Optional[dispatch.Choice] = None
+
+  @property
+  def kernels(self) -> bool:
+    """Whether the training backward runs the Pallas kernels."""
+    return self.choice is not None and self.choice.kernels
+
+  @property
+  def tie(self) -> str:
+    """How the backward pass's recomputation waits for the cotangent (:func:`_tie`)."""
+    return "barrier" if self.choice is None else self.choice.tie
 
 
 class Gram(NamedTuple):
@@ -59,13 +64,12 @@ class Gram(NamedTuple):
 
 
 class InputNorm(NamedTuple):
-  """A training-mode BatchNorm ``p = x * mul + shift`` whose output is the gate's input.
+  """A training-mode BatchNorm ``p = x * scale + shift`` whose output is the gate's input.
 
-  With ``fold``, ``p`` is never written: ``p @ W = x @ (mul W) + shift @ W``, and element-wise
-  uses recompute ``p`` inside their fusions. Without (what bfloat16 needs: the folded kernel
-  lost precision there, bn_down gradients 5% off float32 against 1% for the composed pair),
-  the projection reads ``p`` computed once. Either way the BatchNorm's backward joins the
-  gate's last pass (:meth:`backward`).
+  With ``fold``, ``p`` is never written: ``p @ W = x @ (scale W) + shift @ W``, and
+  element-wise uses recompute ``p`` inside their fusions. Without (bfloat16, where the folded
+  kernel loses precision: ``docs/ops_decisions.md``), the projection reads ``p`` computed once.
+  Either way the BatchNorm's backward joins the gate's last pass (:meth:`backward`).
   """
   stats: Moments
   affine: Affine
@@ -80,11 +84,11 @@ class InputNorm(NamedTuple):
   def project(self, x, projection: Projection):
     if not self.fold:
       return _project(self.apply(x), projection, None)
-    mul, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
-    k32 = projection.kernel.astype(mul.dtype)
-    bias = shift @ k32 + (0.0 if projection.bias is None else projection.bias.astype(mul.dtype))
+    scale, shift = batch_norm.scale_shift(self.stats, self.affine, self.epsilon)
+    k32 = projection.kernel.astype(scale.dtype)
+    bias = shift @ k32 + (0.0 if projection.bias is None else projection.bias.astype(scale.dtype))
     # Accumulated and shifted in float32, then rounded once.
-    h = pointwise(x.astype(self.dtype), (mul[:, None] * k32).astype(self.dtype),
+    h = pointwise(x.astype(self.dtype), (scale[:, None] * k32).astype(self.dtype),
                   preferred_element_type=acc_dtype(self.dtype))
     return (h + bias).astype(self.dtype)
 
@@ -101,11 +105,11 @@ class InputNorm(NamedTuple):
   def backward(self, x, dh, sum_dh, kernel, gate_dy, dstats: Optional[Moments]):
     """``(dx, p^T dh, daffine)`` for ``dp = dh kernel^T + gate_dy``, ``dp`` never written.
 
-    ``dx`` is the BatchNorm's input gradient ``mul * dp + c0 + c1 * xc`` (``xc = x - mean``):
+    ``dx`` is the BatchNorm's input gradient ``scale * dp + c0 + c1 * xc`` (``xc = x - mean``):
     its two row sums come from small products (``sum(dp) = kernel sum(dh) + sum(gate_dy)``,
-    ``sum(dp xc) = rowsum(kernel * xc^T dh) + sum(gate_dy xc)``) and ``mul`` folds into the
+    ``sum(dp xc) = rowsum(kernel * xc^T dh) + sum(gate_dy xc)``) and ``scale`` folds into the
     transposed kernel, so ``dx`` is one pass after the down-projection's transpose instead of a
-    write and two reads of ``dp``. ``p^T dh = mul xc^T dh + bias_bn sum(dh)``.
+    write and two reads of ``dp``. ``p^T dh = scale xc^T dh + bias_bn sum(dh)``.
     ``sum_dh`` is ``sum(dh)`` over the rows (float32); ``dstats`` the cotangents of the
     BatchNorm's batch moments (None where zero).
     """
@@ -114,31 +118,31 @@ class InputNorm(NamedTuple):
     k32 = kernel.astype(f32)
     xc = x.astype(f32) - self.stats.mean
     # x is already in the compute dtype and sum(dh) vanishes to rounding, so the uncentred
-    # product loses nothing; centring x first cost XLA:CPU an activation-sized write (3-5%).
+    # product loses nothing; centring x first costs XLA:CPU an activation-sized write.
     xc_dh = tdot(x.astype(self.dtype), dh) - jnp.outer(self.stats.mean, sum_dh)  # (C, K)
-    mul, c0, c1, dkernel, daffine = self.gradient_terms(
+    scale, c0, c1, dkernel, daffine = self.gradient_terms(
         k32, xc_dh, sum_dh, colsum(gate_dy), reductions.sum_product(gate_dy, xc), count, dstats)
-    dx = (pointwise(dh, (mul[:, None] * k32).T.astype(dh.dtype)).astype(f32)
-          + mul * gate_dy + c0 + c1 * xc)
+    dx = (pointwise(dh, (scale[:, None] * k32).T.astype(dh.dtype)).astype(f32)
+          + scale * gate_dy + c0 + c1 * xc)
     return dx.astype(x.dtype), dkernel, daffine
 
   def gradient_terms(self, kernel32, xc_dh, sum_dh, sum_gate_dy, sum_gate_dy_xc, count,
                      dstats: Optional[Moments]):
-    """:meth:`backward` from its row sums: ``(mul, c0, c1, dkernel, daffine)``.
+    """:meth:`backward` from its row sums: ``(scale, c0, c1, dkernel, daffine)``.
 
-    ``dx = mul * dp + c0 + c1 * xc`` for ``dp = dh kernel^T + gate_dy``; ``xc_dh = xc^T dh``,
+    ``dx = scale * dp + c0 + c1 * xc`` for ``dp = dh kernel^T + gate_dy``; ``xc_dh = xc^T dh``,
     ``sum_dh = sum(dh)``, ``sum_gate_dy = sum(gate_dy)``, ``sum_gate_dy_xc = sum(gate_dy xc)``
     (the Pallas backward accumulates the same sums in its kernel).
     """
     rs = lax.rsqrt(self.stats.var + self.epsilon)
-    mul = rs * self.affine.scale  # scale_shift's multiplier
+    scale = rs * self.affine.scale  # scale_shift's multiplier
     sum_dp = kernel32 @ sum_dh + sum_gate_dy
     sum_dp_xc = jnp.sum(kernel32 * xc_dh, axis=1) + sum_gate_dy_xc
-    c0, c1 = batch_norm.input_gradient_terms(mul, rs, sum_dp, sum_dp_xc, count, dstats)
-    dkernel = mul[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(kernel32.dtype), sum_dh)
+    c0, c1 = batch_norm.input_gradient_terms(scale, rs, sum_dp, sum_dp_xc, count, dstats)
+    dkernel = scale[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(kernel32.dtype), sum_dh)
     daffine = Affine((sum_dp_xc * rs).astype(self.affine.scale.dtype),
                      sum_dp.astype(self.affine.bias.dtype))
-    return mul, c0, c1, dkernel, daffine
+    return scale, c0, c1, dkernel, daffine
 
 
 def _project(x, projection: Projection, norm: Optional[InputNorm]):
@@ -224,104 +228,143 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram: Optional[
     input_mean: without ``norm``, the mean of ``x`` over the rows (float32), or None to take
       it here; the down kernel's gradient is taken from ``x`` centred on it.
 
-  The BatchNorm sums over rows are matmuls with the bottleneck (``a^T dz`` also gives the
-  up-projection's weight gradient), so the ``C``-wide gradient of the up-projection's output is
-  never materialised: ``da = dz (A2 Wu)^T + a (Wu diag(c1) Wu^T) + r``. Sums against ``h`` are
-  centred (``sum(da (h - mean))``), so input offsets do not cancel.
+  Three stages, each a function: the up BatchNorm and projection (:func:`_up_backward`), the
+  down BatchNorm (:func:`_down_backward`), the down-projection and the input
+  (:func:`_input_backward`). Each BatchNorm's multiplier ``rsqrt(var + eps) * gamma`` is its
+  ``scale``; ``a`` is only the bottleneck activation.
   """
-  kd, bd = params.down
-  ku, bu = params.up
-  g1, g2 = params.norm_down.scale, params.norm_up.scale
-  (m1, v1), (m2, v2) = stats
-  ddown, dup = (None, None) if dstats is None else dstats
-  dtype, f32 = kd.dtype, acc_dtype(kd.dtype)
+  dtype, f32 = params.down.kernel.dtype, acc_dtype(params.down.kernel.dtype)
   h, a, z = forward(x, params, stats, cfg, norm=norm, intermediates=True)
   xin = x if norm is None else norm.apply(x)
   count = x.size // x.shape[-1]
   cast = lambda v: None if v is None else v.astype(f32)
-  ku32, bu32 = cast(ku), cast(bu)
-  dy2 = dy.astype(f32)
+  up_kernel32, up_bias32 = cast(params.up.kernel), cast(params.up.bias)
+  dy32 = dy.astype(f32)
   z32 = z.astype(f32)
-  s32 = jax.nn.sigmoid(z32).astype(xin.dtype).astype(f32)  # accurate in both tails
-  dsig = s32 * (1 - s32)
-  dz = dy2 * xin.astype(f32) * dsig
-
-  # Up BatchNorm: z = (u - m2) * rs2 * g2 + b2, u = a @ Wu + bu.
-  rs2 = lax.rsqrt(v2 + cfg.epsilon)
-  a2 = rs2 * g2
-  shift_u = -m2 if bu is None else bu32 - m2  # uc = u - m2 = a @ Wu + shift_u
-  sum_dz = colsum(dz)
-  if dtype != f32 and policy.choice("materialize_dz"):
-    # Written once in the compute dtype (what the MXU reads anyway) for the two products.
-    dz = lax.optimization_barrier(dz.astype(dtype))
-  g_adz = tdot(a, dz)  # (K, C): a^T dz
-  sum_dz_uc = jnp.sum(ku32 * g_adz, axis=0) + shift_u * sum_dz
-  dg2, db2 = sum_dz_uc * rs2, sum_dz
-  if batch_stats:  # du = a2 * dz + c0 + c1 * uc
-    c0, c1, dku, dbu = batch_norm.projection_gradients(
-        gram.total, gram.matrix, ku32, shift_u, a2, rs2, sum_dz, sum_dz_uc, g_adz, count, dup,
-        bias=bu is not None)
-    da = (reductions.pointwise_sum((dz, (a2 * ku32).T), (a, (ku32 * c1) @ ku32.T))
-          + (c0 + c1 * shift_u) @ ku32.T)
-    dup_in = None
-  else:  # du = a2 * dz
-    dku = a2 * g_adz
-    dbu = None if bu is None else a2 * sum_dz
-    da = pointwise(dz, (a2 * ku32).T)
-    dup_in = Moments(-a2 * sum_dz, -0.5 * g2 * rs2**3 * sum_dz_uc)
-  if cfg.inner_relu:
-    da = jnp.where(a > 0, da, 0.0)  # a > 0 exactly where the pre-activation is
-
-  # Down BatchNorm: p = (h - m1) * rs1 * g1 + b1.
-  rs1 = lax.rsqrt(v1 + cfg.epsilon)
-  a1 = rs1 * g1
-  hc = h.astype(f32) - m1
-  sum_da = colsum(da)
-  sum_da_hc = reductions.sum_product(da, hc)
-  dg1, db1 = sum_da_hc * rs1, sum_da
-  # sum(dh) from per-channel sums, so dh need not be written for a reduction of its own: the
-  # products with it (dx, the kernel gradient) recompute it inside their fusions.
-  if batch_stats:
-    e0, e1 = batch_norm.input_gradient_terms(a1, rs1, sum_da, sum_da_hc, count, ddown)
-    dh = a1 * da + e0 + e1 * hc
-    sum_dh = a1 * sum_da + count * e0 + e1 * colsum(hc)
-    ddown_in = None
-  else:
-    dh = a1 * da
-    sum_dh = a1 * sum_da
-    ddown_in = Moments(-a1 * sum_da, -0.5 * g1 * rs1**3 * sum_da_hc)
-  dh = dh.astype(dtype)
-  dbd = None if bd is None else sum_dh
-  # dy * s written as a division: XLA does not duplicate divisions into several consumers, so
-  # dx is written once instead of being re-derived inside each consumer.
-  gate_dy = dy2 / (1.0 + jnp.exp(-z32))
-  daffine = None
-  if norm is None:  # centred: sum(dh) vanishes only to rounding, so an input offset would not
-    mean_x = colsum(x) / count if input_mean is None else input_mean
-    dkd = tdot((x.astype(f32) - mean_x).astype(dtype), dh) + jnp.outer(mean_x, sum_dh)
-    dx = (pointwise(dh, kd.T).astype(f32) + gate_dy).astype(xin.dtype)
-  else:
-    dx, dkd, daffine = norm.backward(x, dh, sum_dh, kd, gate_dy, norm_dstats)
-  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dg1, db1),
-                                 Projection(dku, dbu), Affine(dg2, db2)), params)
+  sig = jax.nn.sigmoid(z32).astype(xin.dtype).astype(f32)  # accurate in both tails
+  dsig = sig * (1 - sig)
+  dz = dy32 * xin.astype(f32) * dsig  # (..., C)
+  ddown, dup = (None, None) if dstats is None else dstats
+  up = _up_backward(a, dz, up_kernel32, up_bias32, params.norm_up, stats.up, gram, dup, cfg,
+                    batch_stats=batch_stats, dtype=dtype, count=count)
+  down = _down_backward(up.da, h, params.norm_down, stats.down, ddown, cfg,
+                        batch_stats=batch_stats, count=count, f32=f32)
+  dh = down.dh.astype(dtype)  # (..., K)
+  dbd = None if params.down.bias is None else down.sum_dh
+  # dy * sigmoid(z) written as a division: XLA does not duplicate divisions into several
+  # consumers, so dx is written once instead of being re-derived inside each consumer.
+  gate_dy = dy32 / (1.0 + jnp.exp(-z32))  # (..., C)
+  dx, dkd, daffine = _input_backward(x, xin, dh, down.sum_dh, gate_dy, params.down.kernel,
+                                     count, norm=norm, norm_dstats=norm_dstats,
+                                     input_mean=input_mean)
+  dparams = cast_like(GateParams(Projection(dkd, dbd), down.daffine,
+                                 Projection(up.dkernel, up.dbias), up.daffine), params)
   if norm is not None:
     return dx, dparams, daffine
   if batch_stats:
     return dx, dparams, None
-  return dx, dparams, cast_like(GateStats(ddown_in, dup_in), stats)
+  return dx, dparams, cast_like(GateStats(down.dstats_in, up.dstats_in), stats)
 
 
-def _kernels_apply(x, params, cfg: Config) -> bool:
-  """Whether the training backward runs the Pallas kernels: chosen, not on GPU, and apt."""
-  return (cfg.kernel == "pallas" and policy.platform() != "gpu"
-          and pallas_backward.supported(x, params, inner_relu=cfg.inner_relu,
-                                        parallel=cfg.parallel) is None)
+class _UpBackward(NamedTuple):
+  """The up BatchNorm's and projection's backward (:func:`_up_backward`)."""
+  da: jax.Array  # (..., K) the bottleneck activation's gradient (masked by its ReLU)
+  dkernel: jax.Array
+  dbias: Optional[jax.Array]
+  daffine: Affine
+  dstats_in: Optional[Moments]  # with running statistics: their cotangents
+
+
+def _up_backward(a, dz, kernel32, bias32, affine: Affine, moments: Moments, gram: Optional[Gram],
+                 dmoments: Optional[Moments], cfg: Config, *, batch_stats: bool, dtype,
+                 count: int) -> _UpBackward:
+  """``z = (u - mean) * scale + beta``, ``u = a @ Wu + bu``: from ``dz`` to ``da``.
+
+  The BatchNorm sums over rows are products with the bottleneck (``a^T dz`` also gives the
+  projection's weight gradient), so the ``C``-wide ``du`` is never materialised:
+  ``da = dz (scale Wu)^T + a (Wu diag(c1) Wu^T) + (c0 + c1 shift) Wu^T``.
+  """
+  f32 = kernel32.dtype
+  rs = lax.rsqrt(moments.var + cfg.epsilon)
+  scale = rs * affine.scale
+  shift = -moments.mean if bias32 is None else bias32 - moments.mean  # u - mean = a Wu + shift
+  sum_dz = colsum(dz)
+  if dtype != f32 and policy.choice("materialize_dz"):
+    # Written once in the compute dtype (what the MXU reads anyway) for the two products.
+    dz = lax.optimization_barrier(dz.astype(dtype))
+  a_dz = tdot(a, dz)  # (K, C): a^T dz
+  sum_dz_uc = jnp.sum(kernel32 * a_dz, axis=0) + shift * sum_dz  # sum(dz (u - mean))
+  dscale, dbeta = sum_dz_uc * rs, sum_dz
+  if batch_stats:  # du = scale * dz + c0 + c1 * (u - mean)
+    c0, c1, dkernel, dbias = batch_norm.projection_gradients(
+        gram.total, gram.matrix, kernel32, shift, scale, rs, sum_dz, sum_dz_uc, a_dz, count,
+        dmoments, bias=bias32 is not None)
+    da = (reductions.pointwise_sum((dz, (scale * kernel32).T),
+                                   (a, (kernel32 * c1) @ kernel32.T))
+          + (c0 + c1 * shift) @ kernel32.T)
+    dstats_in = None
+  else:  # du = scale * dz
+    dkernel = scale * a_dz
+    dbias = None if bias32 is None else scale * sum_dz
+    da = pointwise(dz, (scale * kernel32).T)
+    dstats_in = Moments(-scale * sum_dz, -0.5 * affine.scale * rs**3 * sum_dz_uc)
+  if cfg.inner_relu:
+    da = jnp.where(a > 0, da, 0.0)  # a > 0 exactly where the pre-activation is
+  return _UpBackward(da, dkernel, dbias, Affine(dscale, dbeta), dstats_in)
+
+
+class _DownBackward(NamedTuple):
+  """The down BatchNorm's backward (:func:`_down_backward`)."""
+  dh: jax.Array  # (..., K) float32
+  sum_dh: jax.Array  # (K,)
+  daffine: Affine
+  dstats_in: Optional[Moments]
+
+
+def _down_backward(da, h, affine: Affine, moments: Moments, dmoments: Optional[Moments],
+                   cfg: Config, *, batch_stats: bool, count: int, f32) -> _DownBackward:
+  """``a = relu((h - mean) * scale + beta)``: from ``da`` (masked) to ``dh``.
+
+  Sums against ``h`` are centred (``sum(da (h - mean))``), so input offsets do not cancel.
+  """
+  rs = lax.rsqrt(moments.var + cfg.epsilon)
+  scale = rs * affine.scale
+  hc = h.astype(f32) - moments.mean  # (..., K)
+  sum_da = colsum(da)
+  sum_da_hc = reductions.sum_product(da, hc)
+  dscale, dbeta = sum_da_hc * rs, sum_da
+  # sum(dh) from per-channel sums, so dh need not be written for a reduction of its own: the
+  # products with it (dx, the kernel gradient) recompute it inside their fusions.
+  if batch_stats:
+    e0, e1 = batch_norm.input_gradient_terms(scale, rs, sum_da, sum_da_hc, count, dmoments)
+    dh = scale * da + e0 + e1 * hc
+    sum_dh = scale * sum_da + count * e0 + e1 * colsum(hc)
+    dstats_in = None
+  else:
+    dh = scale * da
+    sum_dh = scale * sum_da
+    dstats_in = Moments(-scale * sum_da, -0.5 * affine.scale * rs**3 * sum_da_hc)
+  return _DownBackward(dh, sum_dh, Affine(dscale, dbeta), dstats_in)
+
+
+def _input_backward(x, xin, dh, sum_dh, gate_dy, kernel, count: int, *,
+                    norm: Optional[InputNorm], norm_dstats: Optional[Moments],
+                    input_mean: Optional[jax.Array]):
+  """``y = xin * sigmoid(z)``, ``h = xin @ Wd + bd``: ``(dx, dWd, daffine of norm or None)``."""
+  if norm is not None:
+    return norm.backward(x, dh, sum_dh, kernel, gate_dy, norm_dstats)
+  f32 = gate_dy.dtype
+  # centred: sum(dh) vanishes only to rounding, so an input offset would not
+  mean_x = colsum(x) / count if input_mean is None else input_mean
+  dkd = tdot((x.astype(f32) - mean_x).astype(dh.dtype), dh) + jnp.outer(mean_x, sum_dh)
+  dx = (pointwise(dh, kernel.T).astype(f32) + gate_dy).astype(xin.dtype)
+  return dx, dkd, None
 
 
 def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels: bool,
                     norm=None, norm_dstats=None, input_mean=None):
   """:func:`backward` with batch statistics; through the Pallas kernels with ``kernels``
-  (:func:`_kernels_apply`).
+  (``cfg.kernels``).
 
   The kernels' result is differentiated as the XLA backward's (same values; a ``pallas_call``
   has no derivative rule), so grad-of-grad and ``jvp`` of ``grad`` work either way.
@@ -347,8 +390,8 @@ def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels:
     return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
                                     norm=with_norm(norm_moments, norm_affine),
                                     norm_dstats=norm_dstats,
-                                    interpret=policy.platform() != "tpu",
-                                    parallel=cfg.parallel)
+                                    interpret=cfg.choice.interpret,
+                                    parallel=cfg.choice.split.parallel)
 
   pallas.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
   return pallas(*args)
@@ -359,30 +402,26 @@ def _tie(x, small, dy, *, mode: str, with_input: bool = False, centre=None):
 
   The backward pass recomputes the bottleneck from ``x`` and the (small) parameters ``small``;
   without a dependency on ``dy`` XLA may merge it with the forward pass (CSE) or schedule it
-  early, either of which keeps the bottleneck alive from the forward to the backward pass. Per
-  :func:`atac_jax.ops.policy.choice` ``'tie'`` (``mode``, resolved when the op is traced by
-  :func:`_tie_mode`): ``"barrier"``, an optimisation barrier over the parameters and ``dy`` (no
-  extra memory traffic); where XLA drops barriers (XLA:CPU), ``"scalar"``, an exact zero from one
-  element of ``dy`` added to ``small`` and ``centre`` (``reductions.opaque_zero``), or
-  ``"zeros"``, exact zeros derived from ``dy`` added to ``x`` element-wise
-  (``reductions.opaque_zero_like``). ``"scalar"`` leaves ``x`` as it is, so nothing
-  activation-sized is written for the tie, but on a batch split over devices the element would
-  be broadcast from one of them (an all-reduce per unit), so it is taken only where the batch
-  lies on one device; ``"zeros"`` needs no collective. ``centre``: small arrays derived from
-  ``x`` alone (its batch mean) that the backward pass subtracts from ``x`` before a product;
-  under ``"scalar"`` they are tied too, else XLA:CPU computes the centred input early and keeps
-  it from the forward to the backward pass (ResNet-20, batch 128: 312 instead of 217 MB of
-  scratch memory). The other modes return it unchanged.
+  early, either of which keeps the bottleneck alive from the forward to the backward pass.
+  ``mode`` (``cfg.tie``, from :func:`atac_jax.ops.dispatch.choose` and policy ``'tie'``):
 
-  ``with_input`` puts ``x`` under the barrier too (where the Pallas kernels run): they then read
-  the buffer the forward pass wrote. Without it XLA:TPU derived the kernels' operand afresh
-  from ``x``'s producers: in ResNet-20 it recomputed the residual additions into a second
-  fusion that wrote each block's input again in the kernels' row shape, and its convolutions
-  wrote both their output and the residual sum; what the step kept from the forward to the
-  backward pass outgrew on-chip memory, and the compiler added copies to and from HBM. ResNet-20
-  on one v5e chip (32 images, float32, the kernels' VMEM limit of
-  ``pallas_backward.vmem_limit``): 2.07 GB accessed without, 1.92 GB with (ReLU: 1.01 GB). The
-  XLA backward compiles to the same bytes either way (3.06 GB), so it keeps the plain barrier.
+  * ``"barrier"``: an optimisation barrier over the parameters and ``dy`` (no extra memory
+    traffic).
+  * ``"scalar"`` (XLA:CPU, which drops barriers): an exact zero from one element of ``dy``
+    (``reductions.opaque_zero``) added to ``small`` and ``centre``; nothing activation-sized is
+    written, but on a batch split over devices the element would be broadcast by a collective,
+    so it is chosen only where the batch lies on one device.
+  * ``"zeros"``: exact zeros derived element-wise from ``dy`` (``reductions.opaque_zero_like``)
+    added to ``x``; no collective.
+
+  ``centre``: small arrays derived from ``x`` alone (its batch mean) that the backward pass
+  subtracts from ``x`` before a product; under ``"scalar"`` they are tied too, else XLA:CPU
+  computes the centred input early and keeps it until the backward pass. The other modes return
+  it unchanged.
+
+  ``with_input`` puts ``x`` under the barrier too (where the Pallas kernels run), so they read
+  the buffer the forward pass wrote instead of a copy XLA:TPU derives afresh from ``x``'s
+  producers (``docs/ops_decisions.md``); the XLA backward compiles to the same bytes either way.
   """
   if mode == "barrier":
     if with_input:
@@ -398,15 +437,6 @@ def _tie(x, small, dy, *, mode: str, with_input: bool = False, centre=None):
 
 
 TIES = ("barrier", "scalar", "zeros")
-
-
-def _tie_mode() -> str:
-  """The :func:`_tie` mode of an op traced now: the policy's, but ``"scalar"`` only where the
-  batch lies on one device (``pallas_backward.batch_on_one_device``), else ``"zeros"``."""
-  mode = policy.choice("tie")
-  if mode == "scalar" and not pallas_backward.batch_on_one_device():
-    return "zeros"
-  return mode
 
 
 def _lean_jvp(run, backward_fn, primals, tangents):
@@ -430,21 +460,11 @@ def _lean_jvp(run, backward_fn, primals, tangents):
   return out, linear_map(tangent_map, cotangent_map, residuals, tuple(tangents))
 
 
-KERNELS = ("xla", "pallas")
-
-
 def _input_mean(x, cfg: Config) -> Optional[jax.Array]:
   """The batch mean of an unnormalised gate's input for its backward pass, taken before the
   tie where the tie leaves ``x`` as it is (``"scalar"``), else None (taken in :func:`backward`
   from the tied input)."""
   return colsum(x) / (x.size // x.shape[-1]) if cfg.tie == "scalar" else None
-
-
-def _config(epsilon: float, inner_relu: bool, kernel: str) -> Config:
-  if kernel not in KERNELS:
-    raise ValueError(f"Unknown backward kernel {kernel!r}; accepted: {list(KERNELS)}.")
-  parallel = pallas_backward.current_data_parallel() if kernel == "pallas" else None
-  return Config(float(epsilon), bool(inner_relu), kernel, parallel, _tie_mode())
 
 
 # ----- gate(x, params, stats=None) -----
@@ -464,7 +484,7 @@ def _train_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, params), (batch,) = primals, stats
     dy, dstats = ct
-    kernels = _kernels_apply(x, params, cfg)
+    kernels = cfg.kernels
     mean = _input_mean(x, cfg)
     x, params, mean = _tie(x, params, dy, mode=cfg.tie, with_input=kernels, centre=mean)
     dx, dparams, _ = _train_backward(x, params, batch, gram, dy, dstats, cfg, kernels=kernels,
@@ -495,16 +515,30 @@ def _eval_gate_jvp(cfg, primals, tangents):
   return out[0], tangent[0]
 
 
+def _lean_choice(kernel: str, x, params, inner_relu: bool) -> dispatch.Choice:
+  """How the lean op's backward runs for a direct caller asking for ``kernel``."""
+  return dispatch.choose(dispatch.Request("lean", kernel), train=True, x=x, params=params,
+                         inner_relu=inner_relu)
+
+
 def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
          epsilon: float, inner_relu: bool, kernel: str = "xla"):
   """The gate with the lean backward; same signature and results as ``reference.gate``.
 
-  ``kernel``: see :class:`Config`.
+  ``kernel``: the training backward asked for, ``"xla"``, ``"pallas"`` or ``"auto"``
+  (:func:`atac_jax.ops.dispatch.choose`, rows 8-13).
 
   Returns:
     With ``stats``: ``y``. Without: ``(y, GateStats)``, the float32 batch moments.
   """
-  cfg = _config(epsilon, inner_relu, kernel)
+  return gate_op(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
+                 choice=_lean_choice(kernel, x, params, inner_relu))
+
+
+def gate_op(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
+            epsilon: float, inner_relu: bool, choice: dispatch.Choice):
+  """:func:`gate` with its backward already chosen (what :func:`atac_jax.ops.gate` calls)."""
+  cfg = Config(float(epsilon), bool(inner_relu), choice)
   if stats is None:
     return _train_gate(cfg, x, params)
   return _eval_gate(cfg, x, params, stats)
@@ -538,7 +572,7 @@ def _norm_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, norm_affine, params), (moments, batch) = primals, stats
     dy, dmoments, dbatch = ct
-    kernels = _kernels_apply(x, params, cfg.gate)
+    kernels = cfg.gate.kernels
     x_tied, (norm_tied, params), moments = _tie(x, (norm_affine, params), dy, mode=cfg.gate.tie,
                                                 with_input=kernels, centre=moments)
     norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold)
@@ -555,9 +589,19 @@ def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: f
 
   Same signature and results as ``reference.norm_gate``. Whether the BatchNorm folds into the
   down-projection follows :func:`atac_jax.ops.policy.choice` ``'fold_norm'``, in float32 only.
-  ``kernel``: see :class:`Config`.
+  ``kernel``: as :func:`gate`'s.
   """
+  return norm_gate_op(x, norm, params, norm_epsilon=norm_epsilon, epsilon=epsilon,
+                      inner_relu=inner_relu, dtype=dtype,
+                      choice=_lean_choice(kernel, x, params, inner_relu))
+
+
+def norm_gate_op(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
+                 epsilon: float, inner_relu: bool, dtype: Any, choice: dispatch.Choice
+                 ) -> tuple[jax.Array, Moments, GateStats]:
+  """:func:`norm_gate` with its backward already chosen (what :func:`atac_jax.ops.norm_gate`
+  calls)."""
   fold = bool(policy.choice("fold_norm")) and jnp.dtype(dtype).itemsize >= 4
-  cfg = NormConfig(_config(epsilon, inner_relu, kernel), float(norm_epsilon),
+  cfg = NormConfig(Config(float(epsilon), bool(inner_relu), choice), float(norm_epsilon),
                    jnp.dtype(dtype), fold)
   return _norm_gate(cfg, x, norm, params)

@@ -7,22 +7,23 @@ XLA:TPU. These kernels recompute the whole gate per tile in on-chip memory and n
 1. **sums** (reads ``x`` and ``dy``): every batch sum the backward's three BatchNorms need, and
    the products the weight gradients come from. The down BatchNorm's sums depend on constants
    known only after the up BatchNorm's sums (``c0``, ``c1``); they are linear in them, so the
-   pass accumulates each coefficient: with ``da = t + a M + r`` (``t = dz (a2 Wu)^T``,
-   ``M = Wu diag(c1) Wu^T``) and ``mask = a > 0``, ``sum(mask da) = sum(mask t) +
+   pass accumulates each coefficient: with ``da = da_dz + a M + r`` (``da_dz = dz (scale_up
+   Wu)^T``, ``M = Wu diag(c1) Wu^T``) and ``mask = a > 0``, ``sum(mask da) = sum(mask da_dz) +
    colsum(M * a^T mask) + r sum(mask)``; the input's products likewise take the three-way
    ``sum(xc_c a_j mask_k)`` (``C x K x K``, a matrix product on the MXU).
 2. **dx** (reads ``x`` and ``dy``, writes ``dx``): the input gradient from those constants.
 
+Notation (column form, the kernels' view of a tile): channels on rows, the batch on lanes; a
+tile stacks ``S`` positions, so a ``C``-channel array is ``(S C, L)`` and a bottleneck array
+``(S K, L)``, ``L`` lanes (``Tiling.col_lanes``); per-channel constants are tiled ``S`` times
+and the channel products are block-diagonal ``kron(I_S, W)``. Small operands are packed into
+one array each, columns named by a NamedTuple (:class:`InputConsts`, :class:`BottleneckConsts`,
+:class:`DownGradConsts`, :class:`InputGradConsts`); the kernels' accumulated outputs likewise
+(:class:`InputSums`, :class:`BottleneckSums`, :class:`ActProducts`, :class:`InputProducts`).
+
 Layout: each kernel takes its operands in the layout XLA:TPU gives the activation of each
-device, so the transposes around it are bitcasts (:class:`Tiling`): batch-minor ``(P C, N)``
-(the batch on the lanes: ResNet-20's 16-channel stage, ``f32[32,32,32,16]{0,3,2,1}`` at 32 images
-a chip), tiles of ``S`` positions of ``C`` channels whose channel products are block-diagonal
-``kron(I_S, W)`` MXU tiles; or channels-minor ``(P, N, C)``, tiles transposed in the kernel. A
-probe of four 3x3 convolutions with an element-wise Pallas op between them on v5e compiled
-without copies in the matching layout and with a relayout copy on each side in the other. The
-ResNet-20 step on one v5e chip (32 images, float32) accesses 3.06 GB with the XLA backward,
-2.74 GB with these kernels batch-minor everywhere, 2.19 GB in each activation's own layout, and
-2.10 GB with the cross products per tile position instead of block-diagonal.
+device, so the transposes around it are bitcasts (:class:`Tiling`, :func:`batch_minor_layout`;
+a mismatch costs a relayout copy each way; ``docs/ops_decisions.md``).
 
 Same values as :func:`atac_jax.ops.lean.backward` with batch statistics (training), float32,
 ``inner_relu``, rank >= 3; checked against it and plain autodiff in Pallas' interpreter on the
@@ -51,21 +52,215 @@ from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projectio
 
 _HI = lax.Precision.HIGHEST
 
+# ----- TPU geometry and on-chip memory -----
+
+LANES = 128  # a vreg's lanes and the MXU's width: the unit of the minor axis
+SUBLANES = 8  # a float32 vreg's sublanes: arrays are stored in (8, 128) tiles
+F32_BYTES = 4
+MiB = 2**20
+CHANNELS_MINOR_LANES = 512  # lanes a channels-minor tile's column form (T N) aims at: 4 vregs
+VMEM_BUDGET = 12 * MiB  # the most supported() admits: under Mosaic's default 16 MiB scope on v5e
+VMEM_LIMIT_FLOOR = 8 * MiB  # the least limit declared: tiny tiles keep headroom (costs no bytes)
+VMEM_LIMIT_MARGIN = 2  # Mosaic allocated up to 1.8x vmem_bytes() (docs/ops_decisions.md)
+_TILED_INPUTS = 2  # x and dy
+_DOUBLE_BUFFERED = 2  # Pallas fetches the next tile while the kernel works on this one
+_WORKING_ARRAYS = 12  # tile-sized temporaries alive at once in the sums kernel, rounded up
+_THREE_WAY_ARRAYS = 3  # (K^2, lanes) each: selected a_j, selected mask_k, their product
+_RECOMPUTE_ELEMENTWISE_FLOPS = 12  # per element of a tile: the gate's element-wise ops
+_DX_ELEMENTWISE_FLOPS = 8  # per element of a tile: dh and dx's element-wise ops
+
+
+def _round_up(value: int, unit: int) -> int:
+  return -(-value // unit) * unit
+
+
+def _padded_bytes(shape, itemsize: int = F32_BYTES) -> int:
+  """Bytes of a float32 array in (8, 128) tiles of its last two axes."""
+  *major, rows, lanes = shape
+  return math.prod(major) * _round_up(rows, SUBLANES) * _round_up(lanes, LANES) * itemsize
+
+
+# ----- packed operands: one NamedTuple per packed array, pack and unpack here only -----
+
+def _columns(cls, packed: jax.Array):
+  """The fields of ``cls`` from the columns of ``packed`` ``(rows, fields)``, each ``(rows, 1)``."""
+  return cls(*(packed[:, i:i + 1] for i in range(len(cls._fields))))
+
+
+def _stack_tiled(values, positions: int) -> jax.Array:
+  """Per-channel vectors, each tiled ``positions`` times, as the columns of one array."""
+  return jnp.stack([_tile(positions, v) for v in values], axis=1)
+
+
+class InputConsts(NamedTuple):
+  """Per-channel constants of the gate's ``C``-wide side, packed ``(S C, 6)``."""
+  up_shift: jax.Array  # u - mean_u = a Wu + up_shift
+  up_scale: jax.Array  # the up BatchNorm's multiplier rsqrt(var_u + eps) gamma_u
+  up_bias: jax.Array  # beta_u
+  norm_scale: jax.Array  # a fused BatchNorm's multiplier (ones without one)
+  norm_shift: jax.Array  # and shift: the gate's input is x norm_scale + norm_shift
+  norm_mean: jax.Array  # the fused BatchNorm's batch mean (zeros without one): xc = x - it
+
+  def pack(self, positions: int) -> jax.Array:
+    return _stack_tiled(self, positions)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array) -> "InputConsts":
+    return _columns(cls, packed)
+
+
+class BottleneckConsts(NamedTuple):
+  """Per-bottleneck-channel constants of the down BatchNorm, packed ``(S K, 3)``."""
+  h_offset: jax.Array  # h - mean_h = x Wd' + h_offset (Wd' = diag(norm_scale) Wd)
+  down_scale: jax.Array  # the down BatchNorm's multiplier rsqrt(var_h + eps) gamma_h
+  down_bias: jax.Array  # beta_h
+
+  def pack(self, positions: int) -> jax.Array:
+    return _stack_tiled(self, positions)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array) -> "BottleneckConsts":
+    return _columns(cls, packed)
+
+  @classmethod
+  def column(cls, packed: jax.Array, name: str) -> jax.Array:
+    """One field, ``(S K, 1)``."""
+    i = cls._fields.index(name)
+    return packed[:, i:i + 1]
+
+
+class DownGradConsts(NamedTuple):
+  """The dx pass's bottleneck-side constants, packed ``(S K, 3)``: ``da = da_dz + a M + r``,
+  ``dh = down_scale mask da + dh_offset + dh_slope hc``."""
+  da_offset: jax.Array  # r
+  dh_offset: jax.Array  # e0
+  dh_slope: jax.Array  # e1
+
+  def pack(self, positions: int) -> jax.Array:
+    return _stack_tiled(self, positions)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array) -> "DownGradConsts":
+    return _columns(cls, packed)
+
+
+class InputGradConsts(NamedTuple):
+  """The dx pass's channel-side constants, packed ``(S C, 3)``:
+  ``dx = Wd' dh + norm_scale gate_dy + dx_offset + dx_slope xc``."""
+  norm_scale: jax.Array
+  dx_offset: jax.Array  # a fused BatchNorm's c0 (zeros without one)
+  dx_slope: jax.Array  # and c1
+
+  def pack(self, positions: int) -> jax.Array:
+    return _stack_tiled(self, positions)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array) -> "InputGradConsts":
+    return _columns(cls, packed)
+
+
+def _fold_cols(v: jax.Array, positions: int, n: int) -> jax.Array:
+  """``(m S n, 1)``: ``m`` stacked sums, each per tile position and channel -> ``(m, n)``."""
+  return jnp.sum(v.reshape(-1, positions, n), axis=1)
+
+
+def _lane_sums(*parts: jax.Array) -> jax.Array:
+  """``(sum(rows) , 1)``: each part summed over the lanes, stacked on the rows."""
+  return jnp.sum(jnp.concatenate(parts, axis=0), axis=1, keepdims=True)
+
+
+class InputSums(NamedTuple):
+  """Batch sums over the ``C`` channels, accumulated ``(4 S C, 1)``, unpacked ``(C,)`` each."""
+  dz: jax.Array
+  gate_dy: jax.Array
+  gate_dy_xc: jax.Array
+  xc: jax.Array
+
+  @staticmethod
+  def shape(rows_c: int) -> tuple[int, int]:
+    return (4 * rows_c, 1)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array, positions: int, c: int) -> "InputSums":
+    return cls(*_fold_cols(packed, positions, c))
+
+
+class BottleneckSums(NamedTuple):
+  """Batch sums over the ``K`` bottleneck channels, accumulated ``(5 S K, 1)``."""
+  mask_da_dz: jax.Array
+  mask_da_dz_hc: jax.Array
+  mask: jax.Array
+  mask_hc: jax.Array
+  hc: jax.Array
+
+  @staticmethod
+  def shape(rows_k: int) -> tuple[int, int]:
+    return (5 * rows_k, 1)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array, positions: int, k: int) -> "BottleneckSums":
+    return cls(*_fold_cols(packed, positions, k))
+
+
+class ActProducts(NamedTuple):
+  """``a^T [dz | mask | mask hc]`` over the batch, accumulated ``(K, C + 2 K)``."""
+  a_dz: jax.Array  # (K, C)
+  a_mask: jax.Array  # (K, K)
+  a_mask_hc: jax.Array  # (K, K)
+
+  @staticmethod
+  def shape(c: int, k: int) -> tuple[int, int]:
+    return (k, c + 2 * k)
+
+  @staticmethod
+  def right(dz, mask, mask_hc) -> jax.Array:
+    """The right operand whose product with ``a`` (per position) gives the packed array."""
+    return jnp.concatenate([dz, mask, mask_hc], axis=0)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array, c: int, k: int) -> "ActProducts":
+    return cls(packed[:, :c], packed[:, c:c + k], packed[:, c + k:])
+
+
+class InputProducts(NamedTuple):
+  """``xc^T [mask da_dz | mask | hc | a_j mask_k]`` over the batch, accumulated
+  ``(C, 3 K + K^2)``."""
+  xc_mask_da_dz: jax.Array  # (C, K)
+  xc_mask: jax.Array  # (C, K)
+  xc_hc: jax.Array  # (C, K)
+  xc_a_mask: jax.Array  # (C, K, K): [c, j, k] = sum(xc_c a_j mask_k)
+
+  @staticmethod
+  def shape(c: int, k: int) -> tuple[int, int]:
+    return (c, (3 + k) * k)
+
+  @staticmethod
+  def right(mask_da_dz, mask, hc, a_mask) -> jax.Array:
+    return jnp.concatenate([mask_da_dz, mask, hc, a_mask], axis=0)
+
+  @classmethod
+  def unpack(cls, packed: jax.Array, c: int, k: int) -> "InputProducts":
+    return cls(packed[:, :k], packed[:, k:2 * k], packed[:, 2 * k:3 * k],
+               packed[:, 3 * k:].reshape(c, k, k))
+
+
+# ----- layout and tiling -----
 
 class Tiling(NamedTuple):
   """How the input is laid out as rows for the kernels, and how it is cut into tiles.
 
-  ``batch_minor``: rows ``(P C, N)`` (channels on sublanes, the batch on lanes), a tile ``S``
-  positions of ``C`` channels; the kernels' column form is the tile itself and the channel
-  products are ``kron(I_S, W)``. Else channels-minor: rows ``(P, N, C)``, a tile ``T`` positions
-  of ``N`` images, transposed in the kernel to the column form ``(C, T N)`` (``S = 1``). Either
-  way the batch is axis 1 of the rows array, and a batch-sharded input stays sharded.
+  ``batch_minor``: rows ``(P C, N)`` (channels on sublanes, the batch on lanes), a tile
+  ``positions`` (``S``) positions of ``C`` channels; the kernels' column form is the tile itself
+  and the channel products are ``kron(I_S, W)``. Else channels-minor: rows ``(P, N, C)``, a tile
+  ``T`` positions of ``N`` images, transposed in the kernel to the column form ``(C, T N)``
+  (``S = 1``). Either way the batch is axis 1 of the rows array, and a batch-sharded input stays
+  sharded.
   """
   batch_minor: bool
-  s: int  # positions a tile in the column form's rows
+  positions: int  # S: positions a tile stacks in the column form's rows
   block: tuple[int, ...]  # a tile of the rows array (a device's batch)
   steps: int
-  col_lanes: int  # lanes of the column form (a device's batch)
+  col_lanes: int  # L: lanes of the column form (a device's batch)
   batch: int  # a device's batch
 
   def to_rows(self, a: jax.Array) -> jax.Array:
@@ -90,12 +285,11 @@ class Tiling(NamedTuple):
 def batch_minor_layout(n: int, c: int) -> bool:
   """Whether XLA:TPU lays an ``(N, ..., C)`` activation out with the batch on the lanes.
 
-  Read off the v5e compiles of ResNet-20 (32 images a chip): ``f32[32,32,32,16]{0,3,2,1}``
-  (batch minor) but ``f32[32,16,16,32]{3,0,2,1}`` and ``f32[32,8,8,64]{3,0,2,1}`` (channels
-  minor): the wider of the two goes on the lanes, ties to the channels. The kernels take the
-  same layout so the transposes to their rows are bitcasts (a mismatch costs a copy each way).
+  The wider of batch and channels goes on the lanes, ties to the channels (read off v5e
+  compiles of ResNet-20; ``tests/test_aot.py`` fails if XLA:TPU changes it). The kernels take
+  the same layout so the transposes to their rows are bitcasts.
   """
-  return c < min(n, 128)
+  return c < min(n, LANES)
 
 
 def tiling(shape, shards: int = 1) -> Tiling:
@@ -104,9 +298,11 @@ def tiling(shape, shards: int = 1) -> Tiling:
   n, c = shape[0] // shards, shape[-1]
   positions = math.prod(shape[1:-1])
   if batch_minor_layout(n, c):
-    s = 128 // c if c <= 128 and 128 % c == 0 else 1
-    return Tiling(True, s, (s * c, n), positions // s if positions % s == 0 else 0, n, n)
-  per_tile = max(1, 512 // n)
+    # S C = 128 rows: the block-diagonal channel products are whole MXU tiles.
+    per_tile = LANES // c if c <= LANES and LANES % c == 0 else 1
+    steps = positions // per_tile if positions % per_tile == 0 else 0
+    return Tiling(True, per_tile, (per_tile * c, n), steps, n, n)
+  per_tile = max(1, CHANNELS_MINOR_LANES // n)
   while positions % per_tile:
     per_tile -= 1
   return Tiling(False, 1, (per_tile, n, c), positions // per_tile, per_tile * n, n)
@@ -128,61 +324,58 @@ def supported(x: jax.Array, params: GateParams, *, inner_relu: bool,
     return f"dtype {x.dtype}; the kernels are float32 only"
   if not inner_relu:
     return "inner_relu=False"
-  if c % 8 or k % 8:
+  if c % SUBLANES or k % SUBLANES:
     return f"channels {c} and bottleneck {k} must be multiples of 8"
   if x.shape[0] % shards(parallel):
     return f"batch {x.shape[0]} does not split into {shards(parallel)} shards"
-  t = tiling(x.shape, shards(parallel))
-  if not t.steps:
-    return f"{math.prod(x.shape[1:-1])} positions are not a multiple of {t.s} per tile"
-  if not t.batch_minor and t.batch % 8:
-    return f"batch {t.batch} a device is not a multiple of 8 (channels-minor tiles)"
-  need = vmem_bytes(t, c, k)
+  tiles = tiling(x.shape, shards(parallel))
+  if not tiles.steps:
+    return (f"{math.prod(x.shape[1:-1])} positions are not a multiple of {tiles.positions} "
+            "per tile")
+  if not tiles.batch_minor and tiles.batch % SUBLANES:
+    return f"batch {tiles.batch} a device is not a multiple of 8 (channels-minor tiles)"
+  need = vmem_bytes(tiles, c, k)
   if need > VMEM_BUDGET:
-    return (f"a tile needs ~{need / 2**20:.1f} MiB of on-chip memory (C={c}, K={k}, "
-            f"{t.col_lanes} lanes); the budget is {VMEM_BUDGET / 2**20:.0f} MiB")
+    return (f"a tile needs ~{need / MiB:.1f} MiB of on-chip memory (C={c}, K={k}, "
+            f"{tiles.col_lanes} lanes); the budget is {VMEM_BUDGET / MiB:.0f} MiB")
   return None
 
 
-VMEM_BUDGET = 12 * 2**20  # under the 16 MiB Mosaic scopes by default on v5e
-
-
-def vmem_bytes(t: Tiling, c: int, k: int) -> int:
+def vmem_bytes(tiles: Tiling, c: int, k: int) -> int:
   """A generous estimate of the on-chip memory the sums kernel (the larger) needs per tile.
 
-  Double-buffered input tiles, about a dozen working arrays of the tile's size, the per-position
+  Double-buffered input tiles, the working arrays of the tile's size, the per-position
   ``(K^2, lanes)`` three-way products, the accumulators and the constants (all float32, lanes
   padded to 128).
   """
-  lanes = -(-t.col_lanes // 128) * 128
-  rows_c, rows_k = t.s * c, t.s * k
-  tile = 4 * lanes * (2 * 2 * rows_c + 12 * max(rows_c, rows_k) + 3 * k * k)
-  accumulators = _padded_bytes((c, (3 + k) * k)) + _padded_bytes((k, c + 2 * k))
-  constants = 3 * _padded_bytes((rows_k, rows_c)) + 2 * _padded_bytes((k * k, k))
-  return tile + accumulators + constants
+  lanes = _round_up(tiles.col_lanes, LANES)
+  rows_c, rows_k = tiles.positions * c, tiles.positions * k
+  tile = F32_BYTES * lanes * (_TILED_INPUTS * _DOUBLE_BUFFERED * rows_c
+                              + _WORKING_ARRAYS * max(rows_c, rows_k)
+                              + _THREE_WAY_ARRAYS * k * k)
+  accumulators = _padded_bytes(InputProducts.shape(c, k)) + _padded_bytes(ActProducts.shape(c, k))
+  weights = 3 * _padded_bytes((rows_k, rows_c))  # kron(I_S, W): down, up and the up transpose
+  selectors = 2 * _padded_bytes((k * k, k))  # the 0/1 matrices picking a_j and mask_k
+  return tile + accumulators + weights + selectors
 
 
-VMEM_LIMIT_FLOOR = 8 * 2**20
-
-
-def vmem_limit(t: Tiling, c: int, k: int) -> int:
-  """The scoped on-chip memory limit the kernels declare to Mosaic: twice :func:`vmem_bytes`
-  rounded up to a MiB, at least 8 MiB (at most 24 MiB under ``VMEM_BUDGET``).
+def vmem_limit(tiles: Tiling, c: int, k: int) -> int:
+  """The scoped on-chip memory limit the kernels declare to Mosaic: ``VMEM_LIMIT_MARGIN`` x
+  :func:`vmem_bytes` rounded up to a MiB, at least ``VMEM_LIMIT_FLOOR`` (at most 24 MiB under
+  ``VMEM_BUDGET``).
 
   Mosaic otherwise reserves its default limit around each kernel, and XLA:TPU's memory-space
-  assignment keeps fewer of the step's activations on chip across the kernels. Measured on
-  ResNet-20, one v5e chip (32 images, float32, ``x`` tied, ``lean._tie``): 2.01 GB accessed
-  with the default, 1.92 GB with this limit (the same with 1.5x and no floor, or 10 MiB for
-  all). Mosaic needed up to 1.8x the estimate over the 55 supported of 98 shapes compiled for
-  v5e (C = 8-256, K = 8-128, 1-256 images a device): a limit below a kernel's need fails its
-  compile (``CompileTimeScopedVmemOom``).
+  assignment keeps fewer of the step's activations on chip across the kernels; a limit below a
+  kernel's need fails its compile (``CompileTimeScopedVmemOom``). Data: ``docs/ops_decisions.md``.
   """
-  return max(VMEM_LIMIT_FLOOR, -(-2 * vmem_bytes(t, c, k) // 2**20) * 2**20)
+  return max(VMEM_LIMIT_FLOOR, _round_up(VMEM_LIMIT_MARGIN * vmem_bytes(tiles, c, k), MiB))
 
+
+# ----- the kernels (column form: channels on rows, the batch on lanes) -----
 
 def _kron(s: int, w: jax.Array) -> jax.Array:
   """``kron(I_s, w)`` built in two dimensions (``jnp.kron`` broadcasts through a padded 4-D
-  array: on v5e that cost 20 MB a ResNet-20 step)."""
+  array, which costs an extra write on v5e)."""
   if s == 1:
     return w
   tiled = jnp.concatenate([jnp.concatenate([w] * s, axis=1)] * s, axis=0)
@@ -191,11 +384,6 @@ def _kron(s: int, w: jax.Array) -> jax.Array:
 
 def _tile(s: int, v: jax.Array) -> jax.Array:
   return jnp.tile(v, s)
-
-
-def _fold_cols(v: jax.Array, s: int, n: int) -> jax.Array:
-  """``(m S n, 1)``: ``m`` stacked sums, each per tile position and channel -> ``(m, n)``."""
-  return jnp.sum(v.reshape(-1, s, n), axis=1)
 
 
 def _dot(a, b):
@@ -207,20 +395,32 @@ def _dot_nt(a, b):
                          preferred_element_type=jnp.float32)
 
 
-def _recompute(p, dy, kh, ku, tm, vc, vk):
-  """The gate per tile (column form: channels on rows, batch on lanes)."""
-  su, a2, b2, mul0, shift0, cen = (vc[:, i:i + 1] for i in range(6))
-  hoff, a1, b1 = (vk[:, i:i + 1] for i in range(3))
-  hc = _dot(kh, p) + hoff
-  pre = a1 * hc + b1
+class Recomputed(NamedTuple):
+  """The gate recomputed for one tile (column form)."""
+  xc: jax.Array  # (S C, L) the input centred on the fused BatchNorm's mean
+  hc: jax.Array  # (S K, L) the down-projection centred on its batch mean
+  mask: jax.Array  # (S K, L) 1 where the bottleneck activation is positive
+  act: jax.Array  # (S K, L) the bottleneck activation a
+  gate_dy: jax.Array  # (S C, L) dy sigmoid(z)
+  dz: jax.Array  # (S C, L) the up BatchNorm's output gradient
+  da_dz: jax.Array  # (S K, L) dz's term of da: kron(I_S, scale_up Wu) dz
+
+
+def _recompute(x, dy, w_down, w_up, w_back, input_consts, bottleneck_consts) -> Recomputed:
+  """The gate per tile: ``x``, ``dy`` ``(S C, L)``; the weights ``kron(I_S, .)``."""
+  up_shift, up_scale, up_bias, norm_scale, norm_shift, norm_mean = (
+      InputConsts.unpack(input_consts))
+  h_offset, down_scale, down_bias = BottleneckConsts.unpack(bottleneck_consts)
+  hc = _dot(w_down, x) + h_offset  # (S K, L)
+  pre = down_scale * hc + down_bias
   mask = (pre > 0).astype(jnp.float32)
   act = jnp.maximum(pre, 0.0)
-  logits = a2 * (_dot(ku, act) + su) + b2
-  s = 1.0 / (1.0 + jnp.exp(-logits))
-  gdy = dy * s
-  dz = gdy * (p * mul0 + shift0) * (1.0 - s)
-  t = _dot(tm, dz)
-  return p - cen, hc, mask, act, gdy, dz, t
+  z = up_scale * (_dot(w_up, act) + up_shift) + up_bias  # (S C, L)
+  sig = 1.0 / (1.0 + jnp.exp(-z))
+  gate_dy = dy * sig
+  dz = gate_dy * (x * norm_scale + norm_shift) * (1.0 - sig)
+  da_dz = _dot(w_back, dz)  # (S K, L)
+  return Recomputed(x - norm_mean, hc, mask, act, gate_dy, dz, da_dz)
 
 
 def _load(ref, transposed: bool):
@@ -229,69 +429,70 @@ def _load(ref, transposed: bool):
   return v.reshape(-1, v.shape[-1]).T if transposed else v
 
 
-def _sums_kernel(p_ref, dy_ref, kh_ref, ku_ref, tm_ref, vc_ref, vk_ref, ea_ref, em_ref,
-                 colc_ref, colk_ref, xa_ref, xp_ref, *, transposed: bool, positions: int):
-  pc, hc, mask, act, gdy, dz, t = _recompute(
-      _load(p_ref, transposed), _load(dy_ref, transposed), kh_ref[...], ku_ref[...],
-      tm_ref[...], vc_ref[...], vk_ref[...])
-  mt = mask * t
-  mh = mask * hc
-  lane_sum = lambda *vs: jnp.sum(jnp.concatenate(vs, axis=0), axis=1, keepdims=True)
-  colc = lane_sum(dz, gdy, gdy * pc, pc)
-  colk = lane_sum(mt, mt * hc, mask, mh, hc)
-  c, k = pc.shape[0] // positions, act.shape[0] // positions
-  xa = xp = 0.0
+def _sums_kernel(x_ref, dy_ref, w_down_ref, w_up_ref, w_back_ref, input_consts_ref,
+                 bottleneck_consts_ref, pick_a_ref, pick_mask_ref, input_sums_ref,
+                 bottleneck_sums_ref, act_products_ref, input_products_ref, *, transposed: bool,
+                 positions: int):
+  """Accumulates :class:`InputSums`, :class:`BottleneckSums`, :class:`ActProducts` and
+  :class:`InputProducts` over the tiles."""
+  xc, hc, mask, act, gate_dy, dz, da_dz = _recompute(
+      _load(x_ref, transposed), _load(dy_ref, transposed), w_down_ref[...], w_up_ref[...],
+      w_back_ref[...], input_consts_ref[...], bottleneck_consts_ref[...])
+  mask_da_dz = mask * da_dz  # (S K, L)
+  mask_hc = mask * hc
+  input_sums = _lane_sums(dz, gate_dy, gate_dy * xc, xc)  # InputSums, (4 S C, 1)
+  bottleneck_sums = _lane_sums(mask_da_dz, mask_da_dz * hc, mask, mask_hc, hc)  # (5 S K, 1)
+  c, k = xc.shape[0] // positions, act.shape[0] // positions
+  act_products = input_products = 0.0
   for i in range(positions):  # the cross products per position: sublane slices of the tile
     at = lambda v, w: v[i * w:(i + 1) * w]
-    three = _dot(ea_ref[...], at(act, k)) * _dot(em_ref[...], at(mask, k))  # (j, k): a_j mask_k
-    xa += _dot_nt(at(act, k), jnp.concatenate([at(dz, c), at(mask, k), at(mh, k)], axis=0))
-    xp += _dot_nt(at(pc, c), jnp.concatenate([at(mt, k), at(mask, k), at(hc, k), three],
-                                              axis=0))
+    a_mask = _dot(pick_a_ref[...], at(act, k)) * _dot(pick_mask_ref[...], at(mask, k))  # (K^2, L)
+    act_products += _dot_nt(at(act, k), ActProducts.right(at(dz, c), at(mask, k),
+                                                          at(mask_hc, k)))
+    input_products += _dot_nt(at(xc, c), InputProducts.right(at(mask_da_dz, k), at(mask, k),
+                                                             at(hc, k), a_mask))
 
   @pl.when(pl.program_id(0) == 0)
   def _init():
-    for ref in (colc_ref, colk_ref, xa_ref, xp_ref):
+    for ref in (input_sums_ref, bottleneck_sums_ref, act_products_ref, input_products_ref):
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-  colc_ref[...] += colc
-  colk_ref[...] += colk
-  xa_ref[...] += xa
-  xp_ref[...] += xp
+  input_sums_ref[...] += input_sums
+  bottleneck_sums_ref[...] += bottleneck_sums
+  act_products_ref[...] += act_products
+  input_products_ref[...] += input_products
 
 
-def _dx_kernel(p_ref, dy_ref, kh_ref, ku_ref, tm_ref, vc_ref, vk_ref, m_ref, kx_ref, wk_ref,
-               wc_ref, dx_ref, *, transposed: bool):
-  pc, hc, mask, act, gdy, _, t = _recompute(
-      _load(p_ref, transposed), _load(dy_ref, transposed), kh_ref[...], ku_ref[...],
-      tm_ref[...], vc_ref[...], vk_ref[...])
-  wk, wc = wk_ref[...], wc_ref[...]
-  r, e0, e1 = (wk[:, i:i + 1] for i in range(3))
-  mul0, c0, c1 = (wc[:, i:i + 1] for i in range(3))
-  a1 = vk_ref[...][:, 1:2]
-  dh = a1 * (mask * (t + _dot(m_ref[...], act) + r)) + e0 + e1 * hc
-  dx = _dot(kx_ref[...], dh) + mul0 * gdy + c0 + c1 * pc
+def _dx_kernel(x_ref, dy_ref, w_down_ref, w_up_ref, w_back_ref, input_consts_ref,
+               bottleneck_consts_ref, m_ref, w_down_t_ref, down_grad_ref, input_grad_ref,
+               dx_ref, *, transposed: bool):
+  """``dx`` per tile from the :class:`DownGradConsts` and :class:`InputGradConsts`."""
+  xc, hc, mask, act, gate_dy, _, da_dz = _recompute(
+      _load(x_ref, transposed), _load(dy_ref, transposed), w_down_ref[...], w_up_ref[...],
+      w_back_ref[...], input_consts_ref[...], bottleneck_consts_ref[...])
+  down_grad, input_grad = down_grad_ref[...], input_grad_ref[...]
+  da_offset, dh_offset, dh_slope = DownGradConsts.unpack(down_grad)
+  norm_scale, dx_offset, dx_slope = InputGradConsts.unpack(input_grad)
+  down_scale = BottleneckConsts.column(bottleneck_consts_ref[...], "down_scale")
+  dh = (down_scale * (mask * (da_dz + _dot(m_ref[...], act) + da_offset)) + dh_offset
+        + dh_slope * hc)  # (S K, L)
+  dx = _dot(w_down_t_ref[...], dh) + norm_scale * gate_dy + dx_offset + dx_slope * xc  # (S C, L)
   dx_ref[...] = (dx.T.reshape(dx_ref.shape) if transposed else dx).astype(dx_ref.dtype)
 
 
-def _padded_bytes(shape, itemsize: int = 4) -> int:
-  """Bytes of a float32 array in (8, 128) tiles of its last two axes."""
-  *major, rows, lanes = shape
-  return math.prod(major) * (-(-rows // 8) * 8) * (-(-lanes // 128) * 128) * itemsize
-
-
-def _pallas(kernel, tiled, consts, outs, *, t: Tiling, flops: int, transcendentals: int,
+def _pallas(kernel, tiled, consts, outs, *, tiles: Tiling, flops: int, transcendentals: int,
             interpret: bool, accumulate: bool, kernel_options, vmem: int):
   """One pallas_call over the tiles of ``tiled`` (rows), ``consts`` whole in each step.
 
   ``tiled`` may be a shard of the batch (axis 1): the tiles take the batch they are given, and
-  ``flops``/``transcendentals`` are per device (``t`` is the per-device tiling). The declared
+  ``flops``/``transcendentals`` are per device (``tiles`` is the per-device tiling). The declared
   bytes are each operand and output once in its (8, 128)-tiled size; the FLOPs are the MXU work
   done, block-diagonal zeros and 0/1 selection products included. ``vmem``: the scoped
   on-chip memory limit (:func:`vmem_limit`).
   """
-  block = (t.block[0], tiled[0].shape[1]) + tuple(t.block[2:])
-  kernel = functools.partial(kernel, transposed=not t.batch_minor, **kernel_options)
-  index = t.index_map()
+  block = (tiles.block[0], tiled[0].shape[1]) + tuple(tiles.block[2:])
+  kernel = functools.partial(kernel, transposed=not tiles.batch_minor, **kernel_options)
+  index = tiles.index_map()
   in_specs = ([pl.BlockSpec(block, index) for _ in tiled]
               + [pl.BlockSpec(c.shape, lambda i: (0, 0)) for c in consts])
   if accumulate:
@@ -307,7 +508,7 @@ def _pallas(kernel, tiled, consts, outs, *, t: Tiling, flops: int, transcendenta
         dimension_semantics=("arbitrary" if accumulate else "parallel",),
         vmem_limit_bytes=vmem)
   return pl.pallas_call(
-      kernel, out_shape=list(outs), grid=(t.steps,), in_specs=in_specs, out_specs=out_specs,
+      kernel, out_shape=list(outs), grid=(tiles.steps,), in_specs=in_specs, out_specs=out_specs,
       cost_estimate=pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
                                     bytes_accessed=int(nbytes)),
       interpret=interpret, **kwargs)(*tiled, *consts)
@@ -348,25 +549,11 @@ def current_data_parallel() -> Optional[DataParallel]:
   return getattr(_context, "value", None)
 
 
-def batch_split_known() -> bool:
-  """Whether an op traced now knows how its batch is split: one device in the process's
-  runtime, or a :func:`data_parallel` declaration. (Otherwise, under a step whose batch XLA
-  partitions, the kernels would see the whole batch on every device.)"""
-  return current_data_parallel() is not None or jax.device_count() == 1
-
-
-def batch_on_one_device() -> bool:
-  """Whether an op traced now sees a batch that lies on one device: a :func:`data_parallel`
-  declaration over one shard, or, without one, one device in the process's runtime."""
-  declared = current_data_parallel()
-  return shards(declared) == 1 if declared is not None else jax.device_count() == 1
-
-
-def _call(kernel, tiled, consts, outs, *, t: Tiling, accumulate: bool,
+def _call(kernel, tiled, consts, outs, *, tiles: Tiling, accumulate: bool,
           parallel: Optional[DataParallel], **options):
   """:func:`_pallas`, per device with ``parallel`` (batch: axis 1 of ``tiled``)."""
   n_tiled = len(tiled)
-  pallas = functools.partial(_pallas, kernel, t=t, accumulate=accumulate, **options)
+  pallas = functools.partial(_pallas, kernel, tiles=tiles, accumulate=accumulate, **options)
   if shards(parallel) == 1:
     return pallas(tiled, consts, outs)
   axes = parallel.axes if len(parallel.axes) > 1 else parallel.axes[0]
@@ -382,6 +569,90 @@ def _call(kernel, tiled, consts, outs, *, t: Tiling, accumulate: bool,
                        out_specs=out_specs, check_vma=False)(*tiled, *consts)
 
 
+class _Folded(NamedTuple):
+  """The forward pass's BatchNorms as per-channel constants (float32, host side)."""
+  w_down: jax.Array  # (C, K) Wd' = diag(norm_scale) Wd: h = x Wd' + h_bias
+  h_bias: jax.Array  # (K,) norm_shift Wd + bd
+  rs_down: jax.Array  # (K,) rsqrt(var_h + eps)
+  down_scale: jax.Array  # (K,) rs_down gamma_h
+  rs_up: jax.Array  # (C,) rsqrt(var_u + eps)
+  up_scale: jax.Array  # (C,) rs_up gamma_u
+  up_shift: jax.Array  # (C,) bu - mean_u: u - mean_u = a Wu + up_shift
+  norm_scale: jax.Array  # (C,) the fused BatchNorm's multiplier (ones without one)
+  norm_shift: jax.Array  # (C,) and shift (zeros without one)
+  norm_mean: jax.Array  # (C,) its batch mean (zeros without one)
+
+
+def _fold(params: GateParams, stats: GateStats, norm, epsilon: float, zeros_c) -> _Folded:
+  f32 = jnp.float32
+  kd, bd = params.down
+  (m2, v2) = stats.up
+  if norm is not None:
+    norm_scale, norm_shift = batch_norm.scale_shift(norm.stats, norm.affine, norm.epsilon)
+    norm_mean = norm.stats.mean
+  else:
+    norm_scale, norm_shift, norm_mean = jnp.ones(zeros_c.shape, f32), zeros_c, zeros_c
+  kd32 = kd.astype(f32)
+  w_down = norm_scale[:, None] * kd32
+  h_bias = norm_shift @ kd32 + (0.0 if bd is None else bd.astype(f32))
+  rs_down = lax.rsqrt(stats.down.var + epsilon)
+  down_scale = rs_down * params.norm_down.scale.astype(f32)
+  rs_up = lax.rsqrt(v2 + epsilon)
+  up_scale = rs_up * params.norm_up.scale.astype(f32)
+  bu = params.up.bias
+  up_shift = -m2 if bu is None else bu.astype(f32) - m2
+  return _Folded(w_down, h_bias, rs_down, down_scale, rs_up, up_scale, up_shift, norm_scale,
+                 norm_shift, norm_mean)
+
+
+class _UpGradients(NamedTuple):
+  """The up BatchNorm's backward from the sums pass (as in ``lean.backward``)."""
+  dscale: jax.Array
+  dbias: jax.Array
+  dkernel: jax.Array
+  dproj_bias: Optional[jax.Array]
+  m_mat: jax.Array  # (K, K) M = Wu diag(c1) Wu^T: da = da_dz + a M + r
+  da_offset: jax.Array  # (K,) r = (c0 + c1 up_shift) Wu^T
+
+
+def _up_gradients(f: _Folded, ku32, gram, sums: InputSums, act: ActProducts, count, dup,
+                  bias: bool) -> _UpGradients:
+  sum_dz_uc = jnp.sum(ku32 * act.a_dz, axis=0) + f.up_shift * sums.dz
+  dscale, dbias = sum_dz_uc * f.rs_up, sums.dz
+  c0, c1, dkernel, dproj_bias = batch_norm.projection_gradients(
+      gram.total, gram.matrix, ku32, f.up_shift, f.up_scale, f.rs_up, sums.dz, sum_dz_uc,
+      act.a_dz, count, dup, bias=bias)
+  m_mat = (ku32 * c1) @ ku32.T
+  da_offset = (c0 + c1 * f.up_shift) @ ku32.T
+  return _UpGradients(dscale, dbias, dkernel, dproj_bias, m_mat, da_offset)
+
+
+class _DownGradients(NamedTuple):
+  """The down BatchNorm's backward: ``dh = down_scale da + dh_offset + dh_slope hc``."""
+  dscale: jax.Array
+  dbias: jax.Array
+  dh_offset: jax.Array  # e0
+  dh_slope: jax.Array  # e1
+  sum_dh: jax.Array  # (K,)
+  xc_dh: jax.Array  # (C, K) xc^T dh
+
+
+def _down_gradients(f: _Folded, up: _UpGradients, sums: BottleneckSums, act: ActProducts,
+                    inputs: InputProducts, sum_xc, count, ddown) -> _DownGradients:
+  # sums of da_m = mask (da_dz + a M + r) from the accumulated coefficients
+  sum_da = sums.mask_da_dz + jnp.sum(up.m_mat * act.a_mask, axis=0) + up.da_offset * sums.mask
+  sum_da_hc = (sums.mask_da_dz_hc + jnp.sum(up.m_mat * act.a_mask_hc, axis=0)
+               + up.da_offset * sums.mask_hc)
+  dscale, dbias = sum_da_hc * f.rs_down, sum_da
+  e0, e1 = batch_norm.input_gradient_terms(f.down_scale, f.rs_down, sum_da, sum_da_hc, count,
+                                           ddown)
+  sum_dh = f.down_scale * sum_da + count * e0 + e1 * sums.hc
+  xc_da = (inputs.xc_mask_da_dz + jnp.einsum("cjk,jk->ck", inputs.xc_a_mask, up.m_mat)
+           + inputs.xc_mask * up.da_offset)
+  xc_dh = f.down_scale * xc_da + jnp.outer(sum_xc, e0) + inputs.xc_hc * e1
+  return _DownGradients(dscale, dbias, e0, e1, sum_dh, xc_dh)
+
+
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
              dstats: Optional[GateStats], *, epsilon: float, norm=None,
              norm_dstats: Optional[Moments] = None, interpret: bool = False,
@@ -393,108 +664,85 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
     params, stats, gram, dy, dstats, norm, norm_dstats: as ``lean.backward``.
     epsilon: the gate BatchNorms' epsilon.
     interpret: run the kernels in Pallas' interpreter (CPU tests).
-    parallel: the batch's mesh axes (:func:`current_data_parallel` when the op was traced):
-      the kernels then run per device on its shard.
+    parallel: the batch's mesh axes (the op's :class:`~atac_jax.ops.dispatch.Choice`): the
+      kernels then run per device on its shard.
 
   Returns:
     ``(dx, dparams, daffine)`` with ``norm``, else ``(dx, dparams, None)``.
   """
   f32 = jnp.float32
-  kd, bd = params.down
-  ku, bu = params.up
-  g1, g2 = params.norm_down.scale.astype(f32), params.norm_up.scale.astype(f32)
-  (m1, v1), (m2, v2) = stats
   ddown, dup = (None, None) if dstats is None else dstats
   n_batch, c = x.shape[0], x.shape[-1]
-  k = kd.shape[-1]
-  positions = math.prod(x.shape[1:-1])
-  count = n_batch * positions
-  t = tiling(x.shape, shards(parallel))  # lanes, flops: per device
-  s, steps, lanes = t.s, t.steps, t.col_lanes
-  tile_rows = s * c  # rows of the column form
-  kd32, ku32 = kd.astype(f32), ku.astype(f32)
+  k = params.down.kernel.shape[-1]
+  count = n_batch * math.prod(x.shape[1:-1])
+  tiles = tiling(x.shape, shards(parallel))  # lanes, flops: per device
+  s, steps, lanes = tiles.positions, tiles.steps, tiles.col_lanes
+  rows_c, rows_k = s * c, s * k  # rows of the column form
+  kd32, ku32 = params.down.kernel.astype(f32), params.up.kernel.astype(f32)
   zeros_c = jnp.zeros((c,), f32)
+  f = _fold(params, stats, norm, epsilon, zeros_c)
 
-  if norm is not None:
-    mul0, shift0 = batch_norm.scale_shift(norm.stats, norm.affine, norm.epsilon)
-    cen = norm.stats.mean
-  else:
-    mul0, shift0, cen = jnp.ones((c,), f32), zeros_c, zeros_c
-  kdf = mul0[:, None] * kd32  # h = p kdf + cd
-  cd = shift0 @ kd32 + (0.0 if bd is None else bd.astype(f32))
-  rs1 = lax.rsqrt(v1 + epsilon)
-  a1 = rs1 * g1
-  rs2 = lax.rsqrt(v2 + epsilon)
-  a2 = rs2 * g2
-  shift_u = -m2 if bu is None else bu.astype(f32) - m2
-
-  kh = _kron(s, kdf.T)
-  kum = _kron(s, ku32.T)
-  tm = _kron(s, ku32 * a2[None, :])
-  vc = jnp.stack([_tile(s, v) for v in (shift_u, a2, params.norm_up.bias.astype(f32), mul0,
-                                        shift0, cen)], axis=1)
-  vk = jnp.stack([_tile(s, v) for v in (cd - m1, a1, params.norm_down.bias.astype(f32))],
-                 axis=1)
+  # Operands of both kernels: the weights kron(I_S, .) and the packed per-channel constants.
+  w_down = _kron(s, f.w_down.T)  # (S K, S C)
+  w_up = _kron(s, ku32.T)  # (S C, S K)
+  w_back = _kron(s, ku32 * f.up_scale[None, :])  # (S K, S C)
+  input_consts = InputConsts(f.up_shift, f.up_scale, params.norm_up.bias.astype(f32),
+                             f.norm_scale, f.norm_shift, f.norm_mean).pack(s)  # (S C, 6)
+  bottleneck_consts = BottleneckConsts(f.h_bias - stats.down.mean, f.down_scale,
+                                       params.norm_down.bias.astype(f32)).pack(s)  # (S K, 3)
   eye_k, ones_k = np.eye(k, dtype=np.float32), np.ones((k, 1), np.float32)
-  ea = np.kron(eye_k, ones_k)  # row (j, k) <- a_j
-  em = np.kron(ones_k, eye_k)  # row (j, k) <- mask_k
-  p_rows, dy_rows = t.to_rows(x.astype(f32)), t.to_rows(dy.astype(f32))
-  sk = s * k
-  consts = (kh, kum, tm, vc, vk)
+  pick_a = np.kron(eye_k, ones_k)  # (K^2, K): row (j, k) <- a_j
+  pick_mask = np.kron(ones_k, eye_k)  # (K^2, K): row (j, k) <- mask_k
+  x_rows, dy_rows = tiles.to_rows(x.astype(f32)), tiles.to_rows(dy.astype(f32))
+  consts = (w_down, w_up, w_back, input_consts, bottleneck_consts)
   mm = lambda rows, inner: 2 * rows * inner * lanes
-  recompute_flops = mm(sk, tile_rows) * 2 + mm(tile_rows, sk) + 12 * tile_rows * lanes
+  recompute_flops = (mm(rows_k, rows_c) * 2 + mm(rows_c, rows_k)
+                     + _RECOMPUTE_ELEMENTWISE_FLOPS * rows_c * lanes)
   per_position = 2 * 2 * k * k * k + 2 * k * (c + 2 * k) + 2 * c * (3 + k) * k
   sums_flops = steps * (recompute_flops + s * per_position * lanes)
-  outs = (jax.ShapeDtypeStruct((4 * tile_rows, 1), f32), jax.ShapeDtypeStruct((5 * sk, 1), f32),
-          jax.ShapeDtypeStruct((k, c + 2 * k), f32), jax.ShapeDtypeStruct((c, (3 + k) * k), f32))
-  colc, colk, xa, xp = _call(_sums_kernel, (p_rows, dy_rows),
-                             consts + (jnp.asarray(ea), jnp.asarray(em)), outs, t=t,
-                             flops=sums_flops,
-                             transcendentals=steps * tile_rows * lanes, interpret=interpret,
-                             accumulate=True,
-                             kernel_options={"positions": s}, parallel=parallel,
-                             vmem=vmem_limit(t, c, k))
-  s_dz, s_gdy, s_gdy_pc, s_pc = _fold_cols(colc, s, c)
-  s_mt, s_mth, s_m, s_mh, s_hc = _fold_cols(colk, s, k)
-  adz, q, q2 = xa[:, :c], xa[:, c:c + k], xa[:, c + k:]
-  x_mt, x_m, x_hc = xp[:, :k], xp[:, k:2 * k], xp[:, 2 * k:3 * k]
-  t3 = xp[:, 3 * k:].reshape(c, k, k)  # [c, j, k]
 
-  # Up BatchNorm (as lean.backward).
-  sum_dz_uc = jnp.sum(ku32 * adz, axis=0) + shift_u * s_dz
-  dg2, db2 = sum_dz_uc * rs2, s_dz
-  c0, c1, dku, dbu = batch_norm.projection_gradients(
-      gram.total, gram.matrix, ku32, shift_u, a2, rs2, s_dz, sum_dz_uc, adz, count, dup,
-      bias=bu is not None)
-  m_mat = (ku32 * c1) @ ku32.T
-  r = (c0 + c1 * shift_u) @ ku32.T
-  # Down BatchNorm: sums of da_m = mask (t + a M + r) from the accumulated coefficients.
-  sum_da = s_mt + jnp.sum(m_mat * q, axis=0) + r * s_m
-  sum_da_hc = s_mth + jnp.sum(m_mat * q2, axis=0) + r * s_mh
-  dg1, db1 = sum_da_hc * rs1, sum_da
-  e0, e1 = batch_norm.input_gradient_terms(a1, rs1, sum_da, sum_da_hc, count, ddown)
-  sum_dh = a1 * sum_da + count * e0 + e1 * s_hc
-  pc_da = x_mt + jnp.einsum("cjk,jk->ck", t3, m_mat) + x_m * r
-  pc_dh = a1 * pc_da + jnp.outer(s_pc, e0) + x_hc * e1  # (p - cen)^T dh
-  dbd = None if bd is None else sum_dh
+  # Pass 1: the sums.
+  outs = tuple(jax.ShapeDtypeStruct(shape, f32) for shape in (
+      InputSums.shape(rows_c), BottleneckSums.shape(rows_k), ActProducts.shape(c, k),
+      InputProducts.shape(c, k)))
+  packed = _call(_sums_kernel, (x_rows, dy_rows),
+                 consts + (jnp.asarray(pick_a), jnp.asarray(pick_mask)), outs, tiles=tiles,
+                 flops=sums_flops, transcendentals=steps * rows_c * lanes, interpret=interpret,
+                 accumulate=True, kernel_options={"positions": s}, parallel=parallel,
+                 vmem=vmem_limit(tiles, c, k))
+  input_sums = InputSums.unpack(packed[0], s, c)
+  bottleneck_sums = BottleneckSums.unpack(packed[1], s, k)
+  act_products = ActProducts.unpack(packed[2], c, k)
+  input_products = InputProducts.unpack(packed[3], c, k)
+
+  # The BatchNorms' gradients from the sums (host side, small).
+  up = _up_gradients(f, ku32, gram, input_sums, act_products, count, dup,
+                     bias=params.up.bias is not None)
+  down = _down_gradients(f, up, bottleneck_sums, act_products, input_products, input_sums.xc,
+                         count, ddown)
+  dbd = None if params.down.bias is None else down.sum_dh
   daffine = None
-  if norm is not None:  # lean.InputNorm's terms with xc = p - mean (cen = mean)
-    _, d0, d1, dkd, daffine = norm.gradient_terms(kd32, pc_dh, sum_dh, s_gdy, s_gdy_pc, count,
-                                                  norm_dstats)
-  else:  # cen = 0: pc_dh = x^T dh
-    d0, d1 = zeros_c, zeros_c
-    dkd = pc_dh
+  if norm is not None:  # lean.InputNorm's terms with xc = x - norm_mean
+    _, dx_offset, dx_slope, dkd, daffine = norm.gradient_terms(
+        kd32, down.xc_dh, down.sum_dh, input_sums.gate_dy, input_sums.gate_dy_xc, count,
+        norm_dstats)
+  else:  # norm_mean = 0: xc_dh = x^T dh
+    dx_offset, dx_slope = zeros_c, zeros_c
+    dkd = down.xc_dh
 
-  wk = jnp.stack([_tile(s, v) for v in (r, e0, e1)], axis=1)
-  wc = jnp.stack([_tile(s, v) for v in (mul0, d0, d1)], axis=1)
-  dx_flops = steps * (recompute_flops + mm(sk, sk) + mm(tile_rows, sk) + 8 * tile_rows * lanes)
-  (dx_rows,) = _call(_dx_kernel, (p_rows, dy_rows),
-                     consts + (_kron(s, m_mat), _kron(s, kdf), wk, wc),
-                     (jax.ShapeDtypeStruct(p_rows.shape, f32),), t=t, flops=dx_flops,
-                     transcendentals=steps * tile_rows * lanes, interpret=interpret,
+  # Pass 2: dx.
+  down_grad = DownGradConsts(up.da_offset, down.dh_offset, down.dh_slope).pack(s)  # (S K, 3)
+  input_grad = InputGradConsts(f.norm_scale, dx_offset, dx_slope).pack(s)  # (S C, 3)
+  dx_flops = steps * (recompute_flops + mm(rows_k, rows_k) + mm(rows_c, rows_k)
+                      + _DX_ELEMENTWISE_FLOPS * rows_c * lanes)
+  (dx_rows,) = _call(_dx_kernel, (x_rows, dy_rows),
+                     consts + (_kron(s, up.m_mat), _kron(s, f.w_down), down_grad, input_grad),
+                     (jax.ShapeDtypeStruct(x_rows.shape, f32),), tiles=tiles, flops=dx_flops,
+                     transcendentals=steps * rows_c * lanes, interpret=interpret,
                      accumulate=False, kernel_options={}, parallel=parallel,
-                     vmem=vmem_limit(t, c, k))
-  dx = t.from_rows(dx_rows, x.shape).astype(x.dtype)
-  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dg1, db1),
-                                 Projection(dku, dbu), Affine(dg2, db2)), params)
+                     vmem=vmem_limit(tiles, c, k))
+  dx = tiles.from_rows(dx_rows, x.shape).astype(x.dtype)
+  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(down.dscale, down.dbias),
+                                 Projection(up.dkernel, up.dproj_bias),
+                                 Affine(up.dscale, up.dbias)), params)
   return dx, dparams, daffine

@@ -73,10 +73,8 @@ def pointwise_sum(*pairs: tuple[jax.Array, jax.Array]) -> jax.Array:
 
   Per policy ``'contraction'``: separate products, or (convolutions, every operand a whole
   number of 128-lane tiles wide) one convolution over the operands concatenated along the
-  channel axis, so no partial sum is written between them. v5e:2x2, per chip: ResNet-50
-  (``act_layers=2``, bf16, batch 256; widths 128-2048) 38.46 -> 38.28 GB accessed; on
-  ResNet-20 (widths 8-64) the concatenation saved 8 MB a unit where the channels lie on
-  sublanes but cost 22 MB where they lie on lanes (3.10 -> 3.15 GB), hence the condition.
+  channel axis, so no partial sum is written between them. Narrower operands keep separate
+  products: there the concatenation cost more bytes than it saved (``docs/ops_decisions.md``).
   """
   xs, kernels = zip(*pairs)
   if not _as_conv(xs[0]) or any(x.shape[-1] % 128 for x in xs):

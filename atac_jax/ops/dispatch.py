@@ -1,0 +1,213 @@
+"""Which backward pass a gate runs here, and why: :func:`choose` and its decision table.
+
+Every caller (:func:`atac_jax.ops.gate`, :func:`atac_jax.ops.norm_gate`, the linen and NNX
+units) states a :class:`Request` and gets one typed :class:`Choice`, resolved once per call when
+the op is traced. Inputs: the request (the module's ``memory_lean``/``backward_kernel``, or the
+ops' ``impl``), training or inference, ``axis_name``, the input's shape and dtype, the platform
+lowered for (:func:`atac_jax.ops.policy.platform`; override :func:`~atac_jax.ops.policy.
+lowering_platform`) and where the batch lies (:func:`where_batch_lies`; override
+:func:`~atac_jax.ops.pallas_backward.data_parallel`).
+
+Requests: ``impl`` ``"auto"`` is ``Request("auto", "xla")``, ``"lean"`` ``Request("lean",
+"xla")``, ``"pallas"`` ``Request("lean", "pallas")``, ``"reference"`` ``Request("reference")``;
+a module with ``memory_lean=True`` is ``Request("auto", backward_kernel)``, with ``False``
+``Request("reference", backward_kernel)``.
+
+Decision table (first matching row; the ``reason`` of the :class:`Choice` quotes it):
+
+===  ========================  ===============================  ==========  ======================
+row  request                   condition                        backward    why
+===  ========================  ===============================  ==========  ======================
+1    op reference              --                               REFERENCE   asked for
+2    op lean                   ``axis_name`` given              ValueError  its statistics: local
+3    op auto                   ``axis_name`` given              REFERENCE   cross-device stats
+4    op auto                   inference                        REFERENCE   nothing is kept
+5    op lean, kernel pallas    inference                        REFERENCE   kernels train only
+6    op lean                   inference                        XLA         asked for
+7    op auto                   policy ``gate_impl``: reference  REFERENCE   policy
+8    kernel xla                --                               XLA         asked for
+9    kernel auto               policy ``backward_kernel``: xla  XLA         policy (CPU, GPU)
+10   kernel auto               batch split unknown              XLA         see below
+11   kernel pallas or auto     lowering for GPU                 XLA         no GPU kernels
+12   kernel pallas or auto     ``supported()`` gives a reason   XLA         that reason
+13   kernel pallas or auto     --                               PALLAS      2 passes, not ~17
+===  ========================  ===============================  ==========  ======================
+
+Rows 8-13 apply to a training-mode lean op (op ``lean``, or ``auto`` by the policy). Row 10:
+without knowing the split the kernels would see the whole batch on every device. Row 12:
+``pallas_backward.supported`` (float32, rank >= 3, ``inner_relu``, channels multiples of 8, a
+tile within the on-chip budget). The choice also carries the lean op's ``tie``
+(:func:`atac_jax.ops.lean._tie`): the policy's ``tie``, except ``"scalar"`` becomes ``"zeros"``
+where the batch may lie on several devices (the scalar would be broadcast by a collective).
+The figures behind each policy entry are in ``docs/ops_decisions.md``.
+
+Where the batch lies (:func:`where_batch_lies`) answers from the explicit declaration, else the
+process's device count. Extending it (detecting the split from JAX itself: the mesh context,
+the input's sharding, ``shard_map``'s manual axes) adds cases to :func:`where_batch_lies`
+(which may then take ``x``); taking the platform from the lowering instead of
+:func:`~atac_jax.ops.policy.platform` means resolving one :class:`Choice` per platform and
+selecting among the lowered branches (``jax.lax.platform_dependent``). The table stays as it is.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, Optional
+
+import jax
+
+from atac_jax.ops import pallas_backward, policy
+
+IMPLS = ("auto", "lean", "pallas", "reference")
+OPS = ("auto", "lean", "reference")
+KERNELS = ("auto", "xla", "pallas")
+
+
+class Backward(enum.Enum):
+  """The backward pass a gate runs."""
+  REFERENCE = "reference"  # plain autodiff of ops.reference (stores the bottleneck)
+  XLA = "xla"  # the lean op (ops.lean), its backward written in XLA
+  PALLAS = "pallas"  # the lean op, its training backward as the two kernels of pallas_backward
+
+
+class Request(NamedTuple):
+  """What a caller asks for: the op (``OPS``) and the lean op's backward kernel (``KERNELS``)."""
+  op: str = "auto"
+  kernel: str = "auto"
+
+  @classmethod
+  def from_impl(cls, impl: str) -> "Request":
+    """The request an ``impl`` name (``IMPLS``) of :func:`atac_jax.ops.gate` stands for.
+
+    Raises:
+      ValueError: for an unknown ``impl``.
+    """
+    if impl not in IMPLS:
+      raise ValueError(f"Unknown gate impl {impl!r}; accepted: {list(IMPLS)}.")
+    op = "lean" if impl == "pallas" else impl
+    return cls(op, "pallas" if impl == "pallas" else "xla")
+
+  @classmethod
+  def from_module(cls, *, memory_lean: bool, backward_kernel: str,
+                  layer: str = "ATAC") -> "Request":
+    """The request of a unit's ``memory_lean`` and ``backward_kernel`` options.
+
+    Raises:
+      ValueError: for an unknown ``backward_kernel``.
+    """
+    if backward_kernel not in KERNELS:
+      raise ValueError(f"{layer}: unknown backward_kernel {backward_kernel!r}; accepted: "
+                       f"{list(KERNELS)}.")
+    return cls("auto" if memory_lean else "reference", backward_kernel)
+
+
+class BatchSplit(NamedTuple):
+  """Where the batch of an op traced now lies.
+
+  ``shards``: how many devices hold a part of it (None: unknown); ``parallel``: the declared
+  mesh axes the kernels run per device over (None: the kernels see the whole batch); ``source``:
+  how it is known.
+  """
+  shards: Optional[int]
+  parallel: Optional[pallas_backward.DataParallel]
+  source: str
+
+  @property
+  def known(self) -> bool:
+    return self.shards is not None
+
+  @property
+  def on_one_device(self) -> bool:
+    return self.shards == 1
+
+
+def where_batch_lies() -> BatchSplit:
+  """The batch split of an op traced now.
+
+  1. a :func:`~atac_jax.ops.pallas_backward.data_parallel` declaration (the explicit override);
+  2. one device in the process's runtime: the batch lies on it;
+  3. else unknown (a step whose batch XLA partitions looks the same as a replicated one).
+  """
+  declared = pallas_backward.current_data_parallel()
+  if declared is not None:
+    return BatchSplit(pallas_backward.shards(declared), declared, "data_parallel declaration")
+  if jax.device_count() == 1:
+    return BatchSplit(1, None, "one device")
+  return BatchSplit(None, None, "several devices, no declaration")
+
+
+class Choice(NamedTuple):
+  """The resolved backward of one call (hashable: part of the lean op's static config)."""
+  backward: Backward
+  reason: str  # the table row that decided
+  platform: str  # lowered for
+  split: BatchSplit
+  tie: str  # the lean op's tie mode (lean._tie)
+
+  @property
+  def kernels(self) -> bool:
+    """Whether the training backward runs the Pallas kernels."""
+    return self.backward is Backward.PALLAS
+
+  @property
+  def interpret(self) -> bool:
+    """Whether the kernels run in Pallas' interpreter (lowering for other than TPU: tests)."""
+    return self.platform != "tpu"
+
+
+def _tie(split: BatchSplit) -> str:
+  mode = policy.choice("tie")
+  return "zeros" if mode == "scalar" and not split.on_one_device else mode
+
+
+def choose(request: Request, *, train: bool, axis_name: Any = None,
+           x: Optional[jax.Array] = None, params: Any = None, inner_relu: bool = True) -> Choice:
+  """The :class:`Choice` for ``request`` here (the module docstring's table).
+
+  Args:
+    request: what the caller asks for.
+    train: training mode (batch statistics).
+    axis_name: the ``shard_map``/``pmap`` axis of cross-device statistics, or None.
+    x, params, inner_relu: the gate's input, :class:`~atac_jax.ops.GateParams` and option,
+      for whether the kernels apply (rows 12-13); needed where a Pallas kernel may be chosen.
+
+  Raises:
+    ValueError: for an unknown op or kernel, or op ``lean`` with an ``axis_name``.
+  """
+  if request.op not in OPS:
+    raise ValueError(f"Unknown gate op {request.op!r}; accepted: {list(OPS)}.")
+  if request.kernel not in KERNELS:
+    raise ValueError(f"Unknown backward kernel {request.kernel!r}; accepted: {list(KERNELS)}.")
+  platform, split = policy.platform(), where_batch_lies()
+  make = lambda backward, reason: Choice(backward, reason, platform, split, _tie(split))
+  op, kernel = request
+  if op == "reference":
+    return make(Backward.REFERENCE, "1: asked")
+  if axis_name is not None:
+    if op == "lean":
+      raise ValueError(f"impl={'pallas' if kernel == 'pallas' else 'lean'!r} computes batch "
+                       f"statistics on one device; with axis_name={axis_name!r} use "
+                       "impl='reference' or 'auto'.")
+    return make(Backward.REFERENCE, "3: cross-device statistics (axis_name)")
+  if not train:
+    if op == "auto":
+      return make(Backward.REFERENCE, "4: inference keeps nothing for a backward pass")
+    if kernel == "pallas":
+      return make(Backward.REFERENCE, "5: the kernels are a training backward")
+    return make(Backward.XLA, "6: the lean op in inference, asked")
+  if op == "auto" and policy.choice("gate_impl") == "reference":
+    return make(Backward.REFERENCE, f"7: policy gate_impl on {platform}")
+  if kernel == "xla":
+    return make(Backward.XLA, "8: asked")
+  if kernel == "auto":
+    if policy.choice("backward_kernel") == "xla":
+      return make(Backward.XLA, f"9: policy backward_kernel on {platform}")
+    if not split.known:
+      return make(Backward.XLA, f"10: batch split unknown ({split.source})")
+  if platform == "gpu":
+    return make(Backward.XLA, "11: no Pallas kernels for GPU")
+  unsupported = pallas_backward.supported(x, params, inner_relu=inner_relu,
+                                          parallel=split.parallel)
+  if unsupported is not None:
+    return make(Backward.XLA, f"12: kernels do not apply: {unsupported}")
+  return make(Backward.PALLAS, f"13: kernels ({split.source})")
