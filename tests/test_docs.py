@@ -24,11 +24,6 @@ NOT_RUN = re.compile(r"<!-- docs-test: not run: (.+\S) -->")
 MARKER = re.compile(r"<!-- docs-test:")
 WORKDIR = "workdirs/quickstart"
 
-# Blocks in pages this change does not own, not yet marked by their authors: (file, first line).
-UNMARKED_NOT_RUN = {
-    ("docs/input.md", "import argparse, gc, json, statistics, sys, time"):
-        "compare.py imports the pre-issue-25 modules from /tmp/old (git show 8f2de76:...)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +64,7 @@ def parse(path: str) -> list[Block]:
       assert not unknown, f"{path}:{start}: unknown marker(s) {unknown}"
       assert language == "python" or not markers, f"{path}:{start}: marker on a {language} block"
       code = "\n".join(body) + "\n"
-      first = code.lstrip().split("\n", 1)[0]
-      reason = not_run[0] if not_run else UNMARKED_NOT_RUN.get((path, first))
+      reason = not_run[0] if not_run else None
       blocks.append(Block(path, start, language, code, CONTINUES in markers, reason))
       pending = []
     elif stripped and pending:
@@ -102,12 +96,8 @@ def test_blocks_follow_the_conventions():
     for block in blocks:
       compile(block.code, f"{path}:{block.line}", "exec")  # every block is valid Python
     assert all(b.not_run is None for b in runnable)
-  # The README's blocks run (none is exempt), and the exemptions above still match a block.
+  # The README's blocks run (none is exempt).
   assert all(b.not_run is None for b in python_blocks("README.md"))
-  for path, first in UNMARKED_NOT_RUN:
-    if os.path.exists(os.path.join(REPO, path)):
-      assert any(b.code.lstrip().startswith(first) for b in python_blocks(path)), (
-          f"UNMARKED_NOT_RUN names a block of {path} that no longer exists: drop the entry")
   assert total >= 10
 
 
