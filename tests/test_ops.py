@@ -264,7 +264,7 @@ def test_tie_mode_follows_where_the_batch_lies(monkeypatch):
       assert config() == "barrier"
 
 
-@pytest.mark.parametrize("tie", ops.lean.TIES)
+@pytest.mark.parametrize("tie", ["barrier", "scalar", "zeros"])  # lean._tie's modes
 def test_lean_gradients_equal_under_each_tie(tie, monkeypatch):
   """Each tie only orders the computation: the same gradients as plain autodiff of the
   reference, for the gate in training and inference and for the fused BatchNorm."""

@@ -436,9 +436,6 @@ def _tie(x, small, dy, *, mode: str, with_input: bool = False, centre=None):
   return x + reductions.opaque_zero_like(dy).astype(x.dtype), small, centre
 
 
-TIES = ("barrier", "scalar", "zeros")
-
-
 def _lean_jvp(run, backward_fn, primals, tangents):
   """A custom-JVP rule: primal ``run(*primals)``, tangent through a :func:`linear_map`.
 
