@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from atac_train import aot, bench
+from atac_train import aot, bench, hlo
 
 
 @pytest.fixture(autouse=True)
@@ -90,15 +90,15 @@ def test_missing_libtpu_is_one_clear_line(capsys, monkeypatch):
 
 def test_array_bytes_pad_to_the_tpu_tiles():
   # Minor-to-major {0,1}: dimension 0 (16) is minor, padded to 128 lanes; 32 rows are 4 tiles.
-  assert aot.array_bytes("f32", "16,32", "{0,1:T(8,128)}") == (32 * 128 * 4, 16 * 32 * 4)
-  assert aot.array_bytes("f32", "16,32", "{1,0:T(8,128)}") == (16 * 128 * 4, 16 * 32 * 4)
-  assert aot.array_bytes("f32", "3,200", "{1,0:T(8,128)}") == (8 * 256 * 4, 3 * 200 * 4)
-  assert aot.array_bytes("bf16", "32,32,32,16", "{0,3,2,1:T(8,128)(2,1)S(1)}") == (
+  assert hlo.array_bytes("f32", "16,32", "{0,1:T(8,128)}") == (32 * 128 * 4, 16 * 32 * 4)
+  assert hlo.array_bytes("f32", "16,32", "{1,0:T(8,128)}") == (16 * 128 * 4, 16 * 32 * 4)
+  assert hlo.array_bytes("f32", "3,200", "{1,0:T(8,128)}") == (8 * 256 * 4, 3 * 200 * 4)
+  assert hlo.array_bytes("bf16", "32,32,32,16", "{0,3,2,1:T(8,128)(2,1)S(1)}") == (
       32 * 32 * 16 * 128 * 2, 32 * 32 * 32 * 16 * 2)
-  assert aot.array_bytes("f32", "10", "{0:T(128)}") == (512, 40)
-  assert aot.array_bytes("f32", "", "{:T(128)}") == (512, 4)
-  assert aot.array_bytes("pred", "1024", "{0:T(1024)E(32)}") == (4096, 1024)
-  assert aot.array_bytes("s32", "4,5", None) == (80, 80)
+  assert hlo.array_bytes("f32", "10", "{0:T(128)}") == (512, 40)
+  assert hlo.array_bytes("f32", "", "{:T(128)}") == (512, 4)
+  assert hlo.array_bytes("pred", "1024", "{0:T(1024)E(32)}") == (4096, 1024)
+  assert hlo.array_bytes("s32", "4,5", None) == (80, 80)
 
 
 _HLO = """HloModule m

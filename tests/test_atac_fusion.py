@@ -4,7 +4,6 @@ These tests read the optimised HLO (``jax.jit(f).lower(...).compile().as_text()`
 compile-time memory analysis; they measure no time.
 """
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,48 +11,19 @@ import pytest
 
 from atac_jax import ops
 from atac_jax.layers import ATAC
+from atac_train import hlo
 from conftest import batch_on_one_device
 
 SHAPE = (8, 8, 8, 32)  # activation-sized = 16384 elements; the bottleneck (r = 2) has half that
 
 
-def _computations(hlo: str) -> dict[str, str]:
-  """Name -> body of every computation in an HLO module's text."""
-  blocks = re.findall(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\) -> .*?\{\n(.*?)\n\}", hlo, re.M | re.S)
-  entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.M).group(1)
-  return {("ENTRY" if name == entry else name): body for name, body in blocks}
-
-
-def _instructions(body: str) -> list[dict[str, str]]:
-  """``{'name', 'shape', 'op', 'operands', 'calls'}`` of each instruction of a computation."""
-  out = []
-  for line in body.splitlines():
-    m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(([^)]*)\)(.*)$", line)
-    if m:
-      calls = re.search(r"calls=%([\w.\-]+)", m.group(6))
-      out.append({"name": m.group(2), "shape": m.group(3), "op": m.group(4),
-                  "operands": re.findall(r"%([\w.\-]+)", m.group(5)),
-                  "calls": calls.group(1) if calls else "", "root": bool(m.group(1))})
-  return out
-
-
-def _elements(shape: str) -> int:
-  dims = re.match(r"\w+\[([\d,]*)\]", shape)
-  if dims is None:
-    return 0
-  n = 1
-  for d in filter(None, dims.group(1).split(",")):
-    n *= int(d)
-  return n
-
-
 def _ops_in(computations: dict[str, str], name: str) -> set[str]:
   """Opcodes of a computation, nested fused/called computations included."""
   ops = set()
-  for inst in _instructions(computations[name]):
-    ops.add(inst["op"])
-    if inst["calls"] in computations:
-      ops |= _ops_in(computations, inst["calls"])
+  for inst in hlo.instructions(computations[name]):
+    ops.add(inst.op)
+    if inst.calls in computations:
+      ops |= _ops_in(computations, inst.calls)
   return ops
 
 
@@ -76,44 +46,43 @@ def test_elementwise_tail_is_one_fusion(memory_lean, train):
   unit's output. Between the up-projection (a dot; with YNNPACK dot fusions it may sit inside
   the same fusion) and that output no other activation-sized buffer may be written.
   """
-  hlo = _unit_forward_hlo(memory_lean=memory_lean, train=train)
-  comps = _computations(hlo)
-  entry = _instructions(comps["ENTRY"])
-  by_name = {i["name"]: i for i in entry}
-  size = _elements(f"f32[{','.join(map(str, SHAPE))}]")
+  comps = hlo.computations(_unit_forward_hlo(memory_lean=memory_lean, train=train))
+  entry = hlo.instructions(comps["ENTRY"])
+  by_name = {i.name: i for i in entry}
+  size = hlo.elements(f"f32[{','.join(map(str, SHAPE))}]")
 
   def source(name):  # looks through bitcasts/reshapes (free in XLA:CPU)
-    while by_name[name]["op"] in ("bitcast", "reshape"):
-      name = by_name[name]["operands"][0]
+    while by_name[name].op in ("bitcast", "reshape"):
+      name = by_name[name].operands[0]
     return name
 
-  x_param = [i["name"] for i in entry if i["op"] == "parameter" and _elements(i["shape"]) == size]
+  x_param = [i.name for i in entry if i.op == "parameter" and hlo.elements(i.shape) == size]
   assert len(x_param) == 1, x_param
-  gates = [i for i in entry if i["op"] == "fusion"
-           and _ops_in(comps, i["calls"]) & {"logistic", "exponential"}]
-  assert len(gates) == 1, [g["name"] for g in gates]
+  gates = [i for i in entry if i.op == "fusion"
+           and _ops_in(comps, i.calls) & {"logistic", "exponential"}]
+  assert len(gates) == 1, [g.name for g in gates]
   gate = gates[0]
-  fused_ops = _ops_in(comps, gate["calls"])
+  fused_ops = _ops_in(comps, gate.calls)
   assert {"multiply", "subtract"} <= fused_ops, fused_ops  # BN (x - mean) * ..., and * x
-  assert x_param[0] in {source(o) for o in gate["operands"]}, "the gate does not read x"
-  assert _elements(gate["shape"]) == size
-  root = next(i for i in entry if i["root"])
-  outputs = {source(o) for o in root["operands"]} if root["op"] == "tuple" else {source(root["name"])}
-  assert gate["name"] in outputs, "the gate fusion's result is not the unit's output"
+  assert x_param[0] in {source(o) for o in gate.operands}, "the gate does not read x"
+  assert hlo.elements(gate.shape) == size
+  root = next(i for i in entry if i.root)
+  outputs = {source(o) for o in root.operands} if root.op == "tuple" else {source(root.name)}
+  assert gate.name in outputs, "the gate fusion's result is not the unit's output"
 
   # The gate reads the up-projection's output straight from its dot (or contains the dot), and
   # nothing else of activation size is computed from that output: no separately written
   # normalised values, sigmoid or product.
-  producers = [by_name[source(o)] for o in gate["operands"]]
-  big_inputs = [p for p in producers if _elements(p["shape"]) >= size and p["op"] != "parameter"]
+  producers = [by_name[source(o)] for o in gate.operands]
+  big_inputs = [p for p in producers if hlo.elements(p.shape) >= size and p.op != "parameter"]
   for producer in big_inputs:
-    ops = _ops_in(comps, producer["calls"]) if producer["calls"] else {producer["op"]}
-    assert "dot" in ops, f"the gate reads {producer['name']} ({sorted(ops)}), not the dot"
-    consumers = [i for i in entry if producer["name"] in i["operands"]
-                 or any(source(o) == producer["name"] for o in i["operands"])]
-    written = [c["name"] for c in consumers
-               if c is not gate and c["op"] not in ("bitcast", "reshape")
-               and _elements(c["shape"]) >= size]
+    ops = _ops_in(comps, producer.calls) if producer.calls else {producer.op}
+    assert "dot" in ops, f"the gate reads {producer.name} ({sorted(ops)}), not the dot"
+    consumers = [i for i in entry if producer.name in i.operands
+                 or any(source(o) == producer.name for o in i.operands)]
+    written = [c.name for c in consumers
+               if c is not gate and c.op not in ("bitcast", "reshape")
+               and hlo.elements(c.shape) >= size]
     assert not written, f"activation-sized intermediates between the dot and the gate: {written}"
   if not big_inputs:  # YNNPACK fused the up-projection into the gate
     assert "dot" in fused_ops
@@ -156,7 +125,6 @@ def test_memory_lean_backward_keeps_only_the_inputs(one_device):
 
 def _sharded_step_all_reduces(act: str) -> int:
   """All-reduces in the optimised HLO of the real train step of ResNet-8 on 8 CPU devices."""
-  import re  # pylint: disable=g-import-not-at-top
   from atac_train import bench, trainer  # pylint: disable=g-import-not-at-top
   config = bench.bench_config("cifar_resnet8", act, batch=64)
   s = trainer.setup(config, devices=jax.devices()[:8])
@@ -167,7 +135,8 @@ def _sharded_step_all_reduces(act: str) -> int:
                                          sharding=s.batch_sharding),
            "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=s.batch_sharding)}
   text = step.lower(state, batch).compile().as_text()
-  return len(re.findall(r" all-reduce(?:-start)?\(", text))
+  return sum(inst.op in ("all-reduce", "all-reduce-start")
+             for body in hlo.computations(text).values() for inst in hlo.instructions(body))
 
 
 def test_sharded_step_has_no_collectives_beyond_batch_norm_statistics():

@@ -50,6 +50,8 @@ import time
 from importlib import metadata
 from typing import Any
 
+from atac_train import hlo
+
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 TOPOLOGY_FORMS = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 EXTRA_INSTALL = 'pip install -e ".[tpu-aot]"'
@@ -212,54 +214,9 @@ def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 # --- Where the bytes go: per-instruction accounting of the optimised HLO --------------------
 
-_ELEMENT_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
-                 "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
-                 "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8}
-_ARRAY_RE = re.compile(r"\b(" + "|".join(sorted(_ELEMENT_BITS, key=len, reverse=True))
-                       + r")\[([0-9,]*)\](\{[^}]*\})?")
-_INSTRUCTION_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$")
 # Instructions that move no data of their own (or whose data is counted at their other half).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
          "replica-id", "after-all"}
-
-
-def array_bytes(dtype: str, dims: str, layout: str | None) -> tuple[int, int]:
-  """``(padded, logical)`` bytes of one HLO array, e.g. ``('f32', '32,16', '{0,1:T(8,128)}')``.
-
-  The padded size rounds the minor dimensions (in the layout's minor-to-major order) up to the
-  layout's first tile, ``T(8,128)``: how the TPU stores the array (a tiled scalar fills its
-  tile). ``E(n)`` overrides the element size in bits.
-  """
-  shape = [int(d) for d in dims.split(",") if d]
-  bits = _ELEMENT_BITS[dtype]
-  logical = math.prod(shape) * bits // 8
-  order, _, attributes = (layout or "{}")[1:-1].partition(":")
-  physical = [shape[int(i)] for i in reversed(order.split(","))] if order.strip() else shape
-  tile = re.search(r"T\(([0-9,]+)\)", attributes)
-  if tile:
-    tile_dims = [int(t) for t in tile.group(1).split(",")]
-    physical = physical or [1]
-    for k, t in enumerate(reversed(tile_dims[-len(physical):])):  # minor first
-      physical[-1 - k] = -(-physical[-1 - k] // t) * t
-  element = re.search(r"E\((\d+)\)", attributes)
-  if element:
-    bits = int(element.group(1))
-  return math.prod(physical) * bits // 8, logical
-
-
-def _shape_bytes(text: str) -> tuple[int, int]:
-  sizes = [array_bytes(*m) for m in _ARRAY_RE.findall(text)]
-  return sum(p for p, _ in sizes), sum(l for _, l in sizes)
-
-
-def _operands(rest: str) -> list[str]:
-  """Operand names of an instruction: the ``%names`` up to the opcode's closing parenthesis."""
-  depth = 1
-  for i, char in enumerate(rest):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if depth == 0:
-      return re.findall(r"%([\w.\-]+)", rest[:i])
-  return re.findall(r"%([\w.\-]+)", rest)
 
 
 def breakdown(hlo_text: str, top: int = 10) -> dict[str, Any]:
@@ -286,27 +243,18 @@ def breakdown(hlo_text: str, top: int = 10) -> dict[str, Any]:
     the same up to numbers (``stage*_block*/act*/...``: one entry per kind of layer). ``top``
     and ``by_source`` hold the ``top`` largest, by bytes.
   """
-  start = hlo_text.find("\nENTRY")
-  if start < 0:
-    raise ValueError("no ENTRY computation in the HLO text.")
-  entry = hlo_text[start + 1:]
-  end = entry.find("\n}")
-  entry = entry[:end if end >= 0 else len(entry)]
   sizes: dict[str, tuple[int, int]] = {}
   rows = []
-  for line in entry.splitlines()[1:]:
-    match = _INSTRUCTION_RE.match(line)
-    if not match:
-      continue
-    name, shape, op, rest = match.groups()
-    out = _shape_bytes(shape)
+  for inst in hlo.instructions(hlo.computations(hlo_text)["ENTRY"]):
+    name, shape, op, rest = inst.name, inst.shape, inst.op, inst.attributes
+    out = hlo.shape_bytes(shape)
     sizes[name] = out
     if op in _FREE:
       continue
-    inputs = [sizes.get(o, (0, 0)) for o in _operands(rest)]
+    inputs = [sizes.get(o, (0, 0)) for o in inst.operands]
     if op == "slice-start":  # reads the slice (element 1 of its output) into on-chip memory
-      arrays = _ARRAY_RE.findall(shape)
-      inputs, out = ([array_bytes(*arrays[1])] if len(arrays) > 1 else inputs), (0, 0)
+      arrays = hlo.ARRAY_RE.findall(shape)
+      inputs, out = ([hlo.array_bytes(*arrays[1])] if len(arrays) > 1 else inputs), (0, 0)
     elif op.endswith("-done"):
       if op != "copy-done":
         continue
