@@ -96,13 +96,13 @@ def epath(path: str | os.PathLike):
 
 
 def _fresh(path: str):
-  """``epath(path)`` with fsspec's listing cache dropped: another process (a trainer, another
-  host) may have written there since this one last looked."""
+  """``epath(path)`` with fsspec's cached listings of it and its parents dropped: another process
+  (a trainer, another host) may have written there since this one last looked."""
   p = epath(path)
   import fsspec  # pylint: disable=g-import-not-at-top  # a dependency of gcsfs and s3fs
   from etils.epath import backend  # pylint: disable=g-import-not-at-top
   for filesystem in (fsspec.filesystem(scheme(path)), backend.fsspec_backend.fs(path)):
-    filesystem.invalidate_cache()  # epath's own instance and the default one (move, lock)
+    filesystem.invalidate_cache(path)  # epath's own instance and the default one (move, lock)
   return p
 
 
@@ -177,9 +177,11 @@ def write_atomic(path: str, data: bytes | str) -> None:
 def append_text(path: str, text: str) -> None:
   """Appends ``text`` (flushed); on an object store the object is rewritten with it."""
   if is_remote(path):
-    p = epath(path)
-    old = p.read_bytes() if p.exists() else b""
-    p.write_bytes(old + text.encode("utf-8"))
+    try:
+      old = read_bytes(path)
+    except FileNotFoundError:
+      old = b""
+    epath(path).write_bytes(old + text.encode("utf-8"))
     return
   with open(path, "a") as f:
     f.write(text)

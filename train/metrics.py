@@ -130,8 +130,7 @@ def plot(workdir: str) -> None:
       plots.plot_learning_curves(
           {storage.basename(layout.root): plots.read_metrics(layout.metrics)}, layout.curve)
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Could not draw %s (%s); training goes on.", layout.curve,
-                    " ".join(str(e).split())[:200])
+    logging.warning("Could not draw %s (%s); training goes on.", layout.curve, describe(e))
 
 
 def _add_scalars(tb: Any, record: Mapping[str, Any]) -> None:
