@@ -123,10 +123,18 @@ def test_remote_lock_is_created_once_renewed_and_released(gcs, monkeypatch):
   first = json.loads(storage.read_text(path))
   assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
   # Renewal rewrites the lease; wait on the condition (bounded), not on a fixed delay.
-  deadline = time.monotonic() + 30
-  while json.loads(storage.read_text(path))["renewed"] == first["renewed"]:
-    assert time.monotonic() < deadline, "the lease was never renewed"
-    time.sleep(0.05)
+  def renewed_after(previous):
+    deadline = time.monotonic() + 30
+    while (current := json.loads(storage.read_text(path))["renewed"]) == previous:
+      assert time.monotonic() < deadline, "the lease was never renewed"
+      time.sleep(0.05)
+    return current
+
+  second = renewed_after(first["renewed"])
+  # Park the renewer (its next wait is an hour) once it has renewed again, so the check below
+  # never reads the object while the renewer rewrites it.
+  monkeypatch.setattr(workdir_lock, "RENEW_SECONDS", 3600.0)
+  renewed_after(second)
   with pytest.raises(WorkdirLockedError, match="in use by another atac-train"):
     WorkdirLock(path).check()  # same host, live pid: a second trainer stops
   lock.release()
