@@ -1,10 +1,11 @@
 """Input-pipeline throughput on synthetic images, through the same code path training uses.
 
 'cifar': 32x32x3 uint8 images in memory (like the tarball source), pad-4 crop + flip.
-'imagenet': JPEG-encoded images of ImageNet-like sizes (smooth content, ~500x375), decoded with
-PIL (only at the DCT scale the crop needs), random-resized-crop to 224, flip, and the per-example
-draws of colour jitter 0.4 and PCA lighting 0.1. 'alexnet': the same JPEGs, resize 130, random-
-resized-crop 128 (scale 0.6-1), flip, and the draws of jitter 0.2 and rotation +-20 degrees.
+'imagenet': JPEG-encoded images of ImageNet-like sizes (smooth content, ~500x375), decoded by
+simplejpeg (only at the DCT scale the crop needs), random-resized-crop to 224 (OpenCV's
+`augment.resample`), flip, and the per-example draws of colour jitter 0.4 and PCA lighting 0.1.
+'alexnet': the same JPEGs, resize 130, random-resized-crop 128 (scale 0.6-1), flip, and the
+draws of jitter 0.2 and rotation +-20 degrees.
 The host delivers uint8 batches: the colour ops, rotation and normalisation run in the jitted
 step (`atac_train.data.device`), so they are not part of this figure; ``bytes_per_image`` is
 what each image costs the host-to-device transfer.
@@ -99,42 +100,57 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
           "startup_seconds": startup, "bytes_per_image": bytes_per_image, **extra}
 
 
-def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int = 0
-                     ) -> dict[str, Any]:
+def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int = 0,
+                     resize: str = "opencv") -> dict[str, Any]:
   """Microseconds per image of each stage of the 'imagenet' recipe, host and device.
 
   Host stages run one after another on the same synthetic JPEGs as `benchmark_input` (the pieces
-  of `augment.decode_resized_crop`, timed apart): header + box (`augment.open_crop`), decode (at
-  the DCT scale the box allows), crop + resize, flip, the colour draws, stacking into a batch. Device stages run the
-  jitted `device.DeviceTransform` on this machine's default JAX backend, and ``transfer`` is a
-  ``jax.device_put`` of a uint8 batch (on a CPU backend a copy; the bytes are what matter).
+  of `augment.decode_resized_crop`, timed apart): header + box (+ the DCT scale), decode (at the
+  DCT scale the box allows), crop + resize + flip to a uint8 array (``resize='opencv'``:
+  `augment.resample`; ``'pil'``: the fallback, PIL's resize and mirror), the colour draws,
+  stacking into a batch. Device stages run the jitted `device.DeviceTransform` on this machine's
+  default JAX backend, and ``transfer`` is a ``jax.device_put`` of a uint8 batch (on a CPU
+  backend a copy; the bytes are what matter).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from atac_train.data import device  # pylint: disable=g-import-not-at-top
+  if resize not in ("opencv", "pil"):
+    raise ValueError(f"Unknown resize {resize!r}; accepted: ['opencv', 'pil'].")
   jpegs = synthetic_jpegs(32, seed=seed)
-  totals = dict.fromkeys(("header_and_box", "decode", "crop_resize", "flip_to_array",
-                          "draws"), 0.0)
+  totals = dict.fromkeys(("header_and_box", "decode", "crop_resize_flip", "draws"), 0.0)
   crops, draws = [], []
   for i in range(num_images):
     rng = np.random.default_rng([seed, i])
     t0 = time.perf_counter()
     jpeg = jpegs[i % len(jpegs)]
-    img, box = augment_lib.open_crop(jpeg, rng, size=224, channels=3)
-    t1 = time.perf_counter()
-    img = augment_lib.decode_opened(img, jpeg, channels=3)
-    t2 = time.perf_counter()
-    crop = img.resize((224, 224), Image.BILINEAR, box=box)
+    if resize == "opencv":
+      width, height = augment_lib._rgb_jpeg_size(jpeg, 3)  # pylint: disable=protected-access
+      top, left, h, w = augment_lib.crop_box(height, width, rng, scale=(0.08, 1.0),
+                                             ratio=(3 / 4, 4 / 3))
+      factor = augment_lib._dct_factor(  # pylint: disable=protected-access
+          width, height, (width * 224 / w, height * 224 / h))
+      t1 = time.perf_counter()
+      pixels = augment_lib._simplejpeg_decode(  # pylint: disable=protected-access
+          jpeg, (-(-width // factor), -(-height // factor)))
+      t2 = time.perf_counter()
+      box = (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
+      crop = augment_lib.resample(pixels, box, (224, 224), flip=rng.random() < 0.5)
+    else:
+      img, box = augment_lib.open_crop(jpeg, rng, size=224, channels=3)
+      t1 = time.perf_counter()
+      img = augment_lib.decode_opened(img, jpeg, channels=3)
+      t2 = time.perf_counter()
+      crop = img.resize((224, 224), Image.BILINEAR, box=box)
+      if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      crop = np.asarray(crop)
     t3 = time.perf_counter()
-    if rng.random() < 0.5:
-      crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    crop = np.asarray(crop)
-    t4 = time.perf_counter()
     params = np.zeros(augment_lib.NUM_PARAMS, np.float32)
     params[augment_lib.FACTORS], params[augment_lib.ORDER] = augment_lib.jitter_factors(
         rng, channels=3, strength=0.4)
     params[augment_lib.LIGHTING] = rng.normal(0.0, 0.1, 3)
-    t5 = time.perf_counter()
-    for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+    t4 = time.perf_counter()
+    for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
       totals[key] += seconds
     crops.append(crop), draws.append(params)
   per_image = {k: v / num_images * 1e6 for k, v in totals.items()}
@@ -155,7 +171,8 @@ def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int 
     jax.block_until_ready(transform(on_device))
   per_image["device_transform"] = (time.perf_counter() - start) / (len(batches) * batch_size) * 1e6
   host = sum(v for k, v in per_image.items() if k not in ("transfer", "device_transform"))
-  return {"kind": "imagenet", "num_images": num_images, "backend": jax.default_backend(),
+  return {"kind": "imagenet", "resize": resize, "num_images": num_images,
+          "backend": jax.default_backend(),
           "microseconds_per_image": {k: round(v, 1) for k, v in per_image.items()},
           "host_microseconds_per_image": round(host, 1),
           "bytes_per_image": sum(v.nbytes for v in batches[0].values()) / batch_size}
@@ -172,9 +189,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--prefetch-buffer", type=int, default=2)
   parser.add_argument("--profile", action="store_true",
                       help="time each stage of the 'imagenet' recipe instead (profile_imagenet)")
+  parser.add_argument("--resize", choices=("opencv", "pil"), nargs="+", default=["opencv"],
+                      help="with --profile: the resize(s) to profile, one JSON line each")
   args = parser.parse_args(argv)
   if args.profile:
-    print(json.dumps(profile_imagenet(batch_size=args.batch_size, seed=args.seed)), flush=True)
+    for resize in args.resize:
+      print(json.dumps(profile_imagenet(batch_size=args.batch_size, seed=args.seed,
+                                        resize=resize)), flush=True)
     return
   for kind in args.kind:
     for workers in args.num_workers:
