@@ -69,11 +69,26 @@ def check_png(path, expected_size):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  """One small ATAC run on 8 fake devices, shared by the checkpoint/eval/viz tests (read-only)."""
+  """One small ATAC run on 8 fake devices, shared by the checkpoint/eval/viz tests (read-only):
+  ``(workdir, the result train_and_evaluate returned)``.
+
+  Trained once per test session, not once per xdist worker: the first worker that needs it trains
+  it under a file lock in the session's temporary folder (the parent of each worker's own), the
+  others wait for it and read the result it left beside it."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
   from atac_train import trainer  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("trained")
-  result = trainer.train_and_evaluate(small_quickstart_config(), str(workdir))
-  return str(workdir), result
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # this session's folder, shared by its workers
+  workdir, done = root / "trained_workdir", root / "trained_workdir.json"
+  with open(root / "trained_workdir.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # what a failed attempt left
+      result = trainer.train_and_evaluate(small_quickstart_config(), str(workdir))
+      done.write_text(json.dumps(result))
+  return str(workdir), json.loads(done.read_text())
 
 
 def tensorboard_scalars(directory):
