@@ -115,6 +115,38 @@ def test_axis_name_statistics_are_global_under_shard_map():
   chex.assert_trees_all_close(upd, whole_upd, rtol=1e-5)
 
 
+def test_host_network_with_axis_name_trains_as_on_the_whole_batch():
+  """``models.create(..., axis_name=...)`` under ``shard_map`` on 4 devices (every BatchNorm and
+  fused BN -> ATAC pair with global statistics): logits, running statistics and the gradient
+  (summed over devices) equal the model's on the whole batch without ``shard_map``."""
+  from atac_jax import models  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:4]), ("batch",))
+  x = jax.random.normal(jax.random.PRNGKey(12), (16, 8, 8, 3))
+  labels = jnp.arange(16) % 10
+  whole_model = models.create("cifar_resnet8", num_classes=10, act="atac")
+  variables = whole_model.init(jax.random.PRNGKey(13), x, train=False)
+
+  def loss(model, params, x, labels):
+    logits, upd = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+    onehot = jax.nn.one_hot(labels, 10)
+    return -jnp.sum(onehot * jax.nn.log_softmax(logits)), (logits, upd)
+
+  (_, (logits, upd)), grads = jax.value_and_grad(
+      functools.partial(loss, whole_model), has_aux=True)(variables["params"], x, labels)
+  sharded_model = models.create("cifar_resnet8", num_classes=10, act="atac", axis_name="batch")
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                     out_specs=(P("batch"), P(), P()))
+  def sharded(params, x, labels):
+    (_, (logits, upd)), grads = jax.value_and_grad(
+        functools.partial(loss, sharded_model), has_aux=True)(params, x, labels)
+    return logits, upd, grads  # parameters' gradients summed over devices (check_vma)
+
+  got = jax.jit(sharded)(variables["params"], x, labels)
+  chex.assert_trees_all_close(got, (logits, upd, grads), rtol=2e-4, atol=2e-5)
+
+
 def test_gate_is_sown_as_intermediates():
   unit = ATAC()
   variables = unit.init(jax.random.PRNGKey(10), X, train=False)

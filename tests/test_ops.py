@@ -202,7 +202,7 @@ def test_choose_and_policy():
       request, train=train, axis_name=axis_name, x=x, params=params).backward
   assert backward(impl("auto")) is ops.Backward.XLA and ops.policy.choice("gate_impl") == "lean"
   assert backward(impl("auto"), train=False) is ops.Backward.REFERENCE
-  assert backward(impl("auto"), axis_name="d") is ops.Backward.REFERENCE
+  assert backward(impl("auto"), axis_name="d") is ops.Backward.XLA  # the lean op takes it
   with pytest.raises(ValueError, match=r"accepted: \['auto', 'lean', 'pallas', 'reference'\]"):
     impl("fast")
   assert backward(impl("pallas")) is ops.Backward.PALLAS
@@ -212,10 +212,12 @@ def test_choose_and_policy():
     assert backward(module(True, "auto")) is ops.Backward.XLA
   assert backward(module(True, "pallas")) is ops.Backward.PALLAS
   assert backward(module(False, "pallas")) is ops.Backward.REFERENCE
-  # cross-device statistics: the kernels do not apply; the reference op runs (no error)
-  assert backward(module(True, "pallas"), axis_name="b") is ops.Backward.REFERENCE
-  with pytest.raises(ValueError, match="axis_name"):
-    backward(impl("lean"), axis_name="d")
+  # cross-device statistics: the lean op and the kernels take them (their sums psum-ed)
+  assert backward(module(True, "pallas"), axis_name="b") is ops.Backward.PALLAS
+  assert backward(impl("lean"), axis_name="d") is ops.Backward.XLA
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  with ops.pallas_backward.data_parallel(mesh, ("data",)):  # a declared split and an axis: no
+    assert backward(module(True, "pallas"), axis_name="b") is ops.Backward.XLA
   with pytest.raises(ValueError, match="backward_kernel"):
     module(True, "cuda")
   # each choice names the table row that decided it
@@ -353,3 +355,47 @@ def test_pointwise_sum_matches_numpy(width, platform):
   expected = (np.asarray(x).reshape(-1, width) @ np.asarray(kx)
               + np.asarray(b).reshape(-1, 2 * width) @ np.asarray(kb))
   np.testing.assert_allclose(np.asarray(both).reshape(-1, K), expected, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("fused", [False, True], ids=["gate", "norm_gate"])
+def test_lean_op_with_axis_name_matches_the_reference_under_shard_map(check_vma, fused):
+  """``axis_name`` inside ``shard_map`` on 4 devices, float64: the lean op's outputs, batch
+  statistics (what the running averages are made of) and gradients equal the reference op's with
+  the same ``axis_name``, and the statistics are the whole batch's (NumPy)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:4])
+  p, x = _params(jax.random.PRNGKey(3), bias=True), _x((16, 3, C))
+  norm = Affine(jnp.linspace(0.5, 1.5, C), jnp.linspace(-0.2, 0.2, C))
+  weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float64)).reshape(x.shape)
+
+  def run(impl):
+    def per_device(x, p, norm, w):
+      def loss(x, p, norm):
+        if fused:
+          y, moments, stats = ops.norm_gate(x, norm, p, norm_epsilon=1e-3, epsilon=EPS,
+                                            inner_relu=True, dtype=jnp.float64, impl=impl,
+                                            axis_name="data")
+        else:
+          (y, stats), moments = ops.gate(x, p, epsilon=EPS, inner_relu=True, impl=impl,
+                                         axis_name="data"), None
+        # the statistics' cotangents flow too (as a loss on running averages would make them)
+        return jnp.sum(y * w) + jnp.sum(stats.down.var) + jnp.sum(stats.up.mean), (y, stats,
+                                                                                   moments)
+      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, p, norm)
+      if not check_vma:  # parameter gradients are this device's parts: sum them here
+        grads = (grads[0],) + jax.lax.psum(grads[1:], "data")
+      return out, grads
+    spec = (P("data"), P(), P(), P("data"))
+    out_specs = ((P("data"), P(), P()), (P("data"), P(), P()))
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=out_specs,
+                                 check_vma=check_vma))(x, p, norm, weights)
+
+  got, want = run("lean"), run("reference")
+  chex.assert_trees_all_close(got, want, rtol=1e-9, atol=1e-10)
+  (_, stats, _), _ = got
+  h = np.asarray(x).reshape(-1, C) @ np.asarray(p.down.kernel) + np.asarray(p.down.bias)
+  if not fused:  # the down projection's statistics over the whole batch, not a shard
+    np.testing.assert_allclose(stats.down.mean, h.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(stats.down.var, h.var(0), rtol=1e-9)

@@ -222,8 +222,48 @@ def test_bad_kernel_names_are_rejected():
   params = _params(jax.random.PRNGKey(1), 16, 8, bias=False)
   with pytest.raises(ValueError, match="accepted"):
     lean.gate(x, params, epsilon=EPS, inner_relu=True, kernel="triton")
-  with pytest.raises(ValueError, match="axis_name"):
-    ops.gate(x, params, epsilon=EPS, inner_relu=True, impl="pallas", axis_name="batch")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gate", "norm_gate"])
+def test_kernels_with_axis_name_match_the_lean_op_under_shard_map(monkeypatch, fused):
+  """``axis_name`` inside ``shard_map`` on 4 devices: the kernels sum this device's rows, the
+  BatchNorms' constants take the whole batch's sums; gradients (input, parameters summed over
+  the devices) equal the XLA backward's with the same ``axis_name`` (itself checked against the
+  reference in float64 in ``test_ops.py``)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:4])
+  shape = (32, 4, 2, 16)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) + 0.2
+  params = _params(jax.random.PRNGKey(1), 16, 8, bias=True)
+  affine = Affine(jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.3, 0.3, 16))
+  weights = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(shape)
+
+  def run(impl):
+    def per_device(x, params, affine, weights):
+      def loss(x, params, affine):
+        if fused:
+          y, moments, stats = ops.norm_gate(x, affine, params, norm_epsilon=EPS, epsilon=EPS,
+                                            inner_relu=True, dtype=jnp.float32, impl=impl,
+                                            axis_name="data")
+          extra = jnp.sum(moments.var)
+        else:
+          y, stats = ops.gate(x, params, epsilon=EPS, inner_relu=True, impl=impl,
+                              axis_name="data")
+          extra = 0.0
+        return jnp.sum(y * weights) + jnp.sum(stats.down.var) + jnp.sum(stats.up.mean) + extra
+      dx, *rest = jax.grad(loss, argnums=(0, 1, 2))(x, params, affine)
+      return dx, jax.lax.psum(tuple(rest), "data")
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
+                                 out_specs=(P("data"), P()), check_vma=False))(x, params, affine,
+                                                                             weights)
+
+  chosen, choose = [], ops.dispatch.choose
+  monkeypatch.setattr(ops.dispatch, "choose", lambda *a, **k: chosen.append(choose(*a, **k))
+                      or chosen[-1])
+  got = run("pallas")
+  assert [c.backward for c in chosen] == [ops.Backward.PALLAS], [c.reason for c in chosen]
+  _close(got, run("lean"))
 
 
 @pytest.mark.parametrize("shape", [(32, 2, 4, 16), (8, 3, 4, 16), (16, 2, 2, 4, 8)])

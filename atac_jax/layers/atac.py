@@ -63,13 +63,14 @@ class ATAC(nn.Module):
       pass; same variables, values and gradients, less memory and time; every transformation).
       ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
     backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"pallas"``
-      on TPU where the batch's split is known, one device or a ``pallas_backward.data_parallel``
-      step; ``"xla"`` elsewhere), ``"xla"``, or ``"pallas"``: the training backward pass of a
+      on TPU where the batch's split is known: one device, JAX's mesh context, ``shard_map``,
+      or a ``pallas_backward.data_parallel`` step; ``"xla"`` elsewhere), ``"xla"``, or ``"pallas"``: the training backward pass of a
       float32 unit as two Pallas kernels where they apply (``atac_jax.ops.pallas_backward``;
       Mosaic on TPU, Pallas' interpreter on the CPU, the XLA backward on GPU). Which backward
       runs, and why: :func:`atac_jax.ops.dispatch.choose`.
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
-      ``nn.BatchNorm(axis_name=...)``); the reference op runs.
+      ``nn.BatchNorm(axis_name=...)``); every backward takes it (the lean op and the kernels
+      sum their batch sums over it).
     train: training mode (batch statistics, ``batch_stats`` updates); flax's convention: the
       attribute or the call argument, merged with ``nn.merge_param``.
   """
@@ -109,7 +110,9 @@ class ATAC(nn.Module):
     if norm is not None and norm.features != channels:
       raise ValueError(f"ATAC: norm has features={norm.features} but the input has {channels} "
                        f"channels; accepted: BatchNormVariables(features=x.shape[-1]).")
-    fuse = norm is not None and self.fuses_norm(train=train)
+    # A norm with statistics over other devices than the unit's runs on its own.
+    fuse = (norm is not None and self.fuses_norm(train=train)
+            and norm.axis_name == self.axis_name)
     if norm is not None and not fuse:
       x = norm.normalize(x, train=train)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
@@ -146,9 +149,9 @@ class ATAC(nn.Module):
   def fuses_norm(self, *, train: bool) -> bool:
     """Whether a ``norm`` given to this unit joins its op (else it runs before it).
 
-    True for a memory-lean point-wise unit in training without ``axis_name``.
+    True for a memory-lean point-wise unit in training whose ``axis_name`` is the norm's.
     """
-    return train and self.memory_lean and not self.use_global and self.axis_name is None
+    return train and self.memory_lean and not self.use_global
 
   def _impl(self) -> ops.Request:
     """The unit's request to :func:`atac_jax.ops.choose` (which backward runs, and why)."""

@@ -32,18 +32,21 @@ def freeze_options(options: Mapping[str, Any] | None) -> FrozenDict:
 
 
 def activation_factory(act: str, *, reduction: int | None, dtype: Any, param_dtype: Any,
-                       act_options: Mapping[str, Any] | None = None) -> ActivationFactory:
+                       act_options: Mapping[str, Any] | None = None,
+                       axis_name: Any = None) -> ActivationFactory:
   """Returns ``factory(name=...)`` building activation ``act`` for a host network.
 
-  The model-level ``reduction``, ``dtype`` and ``param_dtype`` are passed only to activations that
-  take them (so ``relu`` gets none, ``atac`` gets all three; ``reduction=None`` keeps the unit's own
-  default). ``act_options`` are passed as given, so an option the activation does not take raises.
+  The model-level ``reduction``, ``dtype``, ``param_dtype`` and ``axis_name`` are passed only to
+  activations that take them (so ``relu`` gets none, ``atac`` gets all four; ``None`` keeps the
+  unit's own default). ``act_options`` are passed as given, so an option the activation does
+  not take raises.
 
   Raises:
     ValueError: for an unknown activation name or an option it does not accept.
   """
   accepted = activation_options(act)
-  shared = {"reduction": reduction, "dtype": dtype, "param_dtype": param_dtype}
+  shared = {"reduction": reduction, "dtype": dtype, "param_dtype": param_dtype,
+            "axis_name": axis_name}
   options = {k: v for k, v in shared.items() if k in accepted and v is not None}
   options.update(act_options or {})
   unknown = sorted(set(options) - set(accepted))
@@ -66,17 +69,20 @@ class NormSpec:
   epsilon: float
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  axis_name: Any = None
 
   def __call__(self, **overrides: Any) -> nn.BatchNorm:
     options = dict(use_running_average=not self.train, momentum=self.momentum,
-                   epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+                   epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                   axis_name=self.axis_name)
     options.update(overrides)
     return nn.BatchNorm(**options)
 
   def variables(self, features: int, *, name: str) -> BatchNormVariables:
     """The same BatchNorm's variables, for an op that fuses the normalisation."""
     return BatchNormVariables(features, momentum=self.momentum, epsilon=self.epsilon,
-                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              axis_name=self.axis_name, name=name)
 
 
 def norm_act(x: Any, *, norm: NormSpec, act: ActivationFactory, norm_name: str, act_name: str,

@@ -66,6 +66,8 @@ class AlexNet(nn.Module, kw_only=True):
     in_channels: expected input channels (3), or ``None`` for any.
     dtype: computation dtype; logits are returned in float32.
     param_dtype: parameter dtype.
+    axis_name: a ``shard_map``/``pmap`` axis over which every BatchNorm and activation with batch
+      statistics (ATAC) takes them (as ``nn.BatchNorm(axis_name=...)``); None: per device.
     train: use batch statistics and dropout (which needs a ``dropout`` rng); give it here or at
       call time (``model.apply(variables, x, train=...)``), not both.
   """
@@ -79,6 +81,7 @@ class AlexNet(nn.Module, kw_only=True):
   in_channels: int | None = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  axis_name: Any = None
   train: bool | None = None
 
   def _chosen_activation(self) -> _common.ActivationFactory:
@@ -86,7 +89,8 @@ class AlexNet(nn.Module, kw_only=True):
     if "use_bias" in activation_options(self.act):
       options.setdefault("use_bias", self.act_bias)
     return _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, act_options=options)
+                                      param_dtype=self.param_dtype, act_options=options,
+                                      axis_name=self.axis_name)
 
   def __post_init__(self) -> None:
     _common.check_int_range(self.act_layers, option="act_layers", model="AlexNet", low=0,

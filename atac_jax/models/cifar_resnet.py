@@ -96,6 +96,8 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     epsilon: BatchNorm epsilon of the host network.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
     param_dtype: parameter dtype.
+    axis_name: a ``shard_map``/``pmap`` axis over which every BatchNorm and activation with batch
+      statistics (ATAC) takes them (as ``nn.BatchNorm(axis_name=...)``); None: per device.
     train: use batch statistics (and update ``batch_stats``); give it here or at call time
       (``model.apply(variables, x, train=...)``), not both.
   """
@@ -110,6 +112,7 @@ class CIFARResNetV2(nn.Module, kw_only=True):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  axis_name: Any = None
   train: bool | None = None
 
   def __post_init__(self) -> None:
@@ -117,7 +120,8 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     _common.check_int_range(self.act_layers, option="act_layers", model="CIFARResNetV2", low=0,
                             high=MAX_ACT_LAYERS)
     _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                               param_dtype=self.param_dtype, act_options=self.act_options)
+                               param_dtype=self.param_dtype, act_options=self.act_options,
+                               axis_name=self.axis_name)
     super().__post_init__()
 
   @nn.compact
@@ -131,9 +135,11 @@ class CIFARResNetV2(nn.Module, kw_only=True):
     conv = functools.partial(nn.Conv, use_bias=False, padding=((1, 1), (1, 1)),
                              kernel_init=_common.he_normal, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype)
+    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype,
+                            self.axis_name)
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, act_options=self.act_options)
+                                        param_dtype=self.param_dtype, act_options=self.act_options,
+                                        axis_name=self.axis_name)
     flags = tuple(stage_uses_act(i, self.act_layers) for i in range(len(WIDTHS)))
     stage_acts = _common.placement_factories(chosen, flags)
     (head_act,) = _common.placement_factories(chosen, (self.act_layers > 0,))

@@ -35,6 +35,8 @@ class ConvMNIST(nn.Module, kw_only=True):
     in_channels: expected input channels (1), or ``None`` for any.
     dtype: computation dtype; logits are returned in float32.
     param_dtype: parameter dtype.
+    axis_name: a ``shard_map``/``pmap`` axis over which every BatchNorm and activation with batch
+      statistics (ATAC) takes them (as ``nn.BatchNorm(axis_name=...)``); None: per device.
     train: training mode (batch statistics of the activations that have them); give it here or
       at call time (``model.apply(variables, x, train=...)``), not both.
   """
@@ -46,13 +48,15 @@ class ConvMNIST(nn.Module, kw_only=True):
   in_channels: int | None = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  axis_name: Any = None
   train: bool | None = None
 
   def __post_init__(self) -> None:
     _common.check_int_range(self.act_layers, option="act_layers", model="ConvMNIST", low=0,
                             high=len(CONVS))
     _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                               param_dtype=self.param_dtype, act_options=self.act_options)
+                               param_dtype=self.param_dtype, act_options=self.act_options,
+                               axis_name=self.axis_name)
     super().__post_init__()
 
   @nn.compact
@@ -62,7 +66,8 @@ class ConvMNIST(nn.Module, kw_only=True):
     _common.check_input(x, model="convnet_mnist", in_channels=self.in_channels,
                         min_size=MIN_SIZE)
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, act_options=self.act_options)
+                                        param_dtype=self.param_dtype, act_options=self.act_options,
+                                        axis_name=self.axis_name)
     flags = tuple(i + self.act_layers >= len(CONVS) for i in range(len(CONVS)))
     acts = _common.placement_factories(chosen, flags)
 

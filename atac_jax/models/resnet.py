@@ -155,6 +155,8 @@ class ResNet(nn.Module, kw_only=True):
     epsilon: BatchNorm epsilon of the host network.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
     param_dtype: parameter dtype.
+    axis_name: a ``shard_map``/``pmap`` axis over which every BatchNorm and activation with batch
+      statistics (ATAC) takes them (as ``nn.BatchNorm(axis_name=...)``); None: per device.
     train: use batch statistics (and update ``batch_stats``); give it here or at call time
       (``model.apply(variables, x, train=...)``), not both.
   """
@@ -173,6 +175,7 @@ class ResNet(nn.Module, kw_only=True):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  axis_name: Any = None
   train: bool | None = None
 
   def __post_init__(self) -> None:
@@ -184,7 +187,8 @@ class ResNet(nn.Module, kw_only=True):
       raise ValueError(f"ResNet: awconv_stages must be a subset of {list(range(NUM_STAGES))}, "
                        f"got {self.awconv_stages!r}.")
     _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                               param_dtype=self.param_dtype, act_options=self.act_options)
+                               param_dtype=self.param_dtype, act_options=self.act_options,
+                               axis_name=self.axis_name)
     super().__post_init__()
 
   @nn.compact
@@ -202,11 +206,13 @@ class ResNet(nn.Module, kw_only=True):
     awconv = functools.partial(AWConv, padding=1, reduction=self.awconv_reduction,
                                kernel_init=_common.he_normal, dtype=self.dtype,
                                param_dtype=self.param_dtype)
-    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype)
+    norm = _common.NormSpec(train, self.momentum, self.epsilon, self.dtype, self.param_dtype,
+                            self.axis_name)
     last_norm = functools.partial(norm, scale_init=nn.initializers.zeros_init()) \
         if self.zero_init_last_bn else norm
     chosen = _common.activation_factory(self.act, reduction=self.reduction, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, act_options=self.act_options)
+                                        param_dtype=self.param_dtype, act_options=self.act_options,
+                                        axis_name=self.axis_name)
     flags = tuple(stage_uses_act(s, self.act_layers) for s in range(NUM_STAGES))
     stage_acts = _common.placement_factories(chosen, flags)
 

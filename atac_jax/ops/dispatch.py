@@ -19,8 +19,6 @@ Decision table (first matching row; the ``reason`` of the :class:`Choice` quotes
 row  request                   condition                        backward    why
 ===  ========================  ===============================  ==========  ======================
 1    op reference              --                               REFERENCE   asked for
-2    op lean                   ``axis_name`` given              ValueError  its statistics: local
-3    op auto                   ``axis_name`` given              REFERENCE   cross-device stats
 4    op auto                   inference                        REFERENCE   nothing is kept
 5    op lean, kernel pallas    inference                        REFERENCE   kernels train only
 6    op lean                   inference                        XLA         asked for
@@ -36,17 +34,17 @@ row  request                   condition                        backward    why
 Rows 8-13 apply to a training-mode lean op (op ``lean``, or ``auto`` by the policy). Row 10:
 without knowing the split the kernels would see the whole batch on every device. Row 12:
 ``pallas_backward.supported`` (float32, rank >= 3, ``inner_relu``, channels multiples of 8, a
-tile within the on-chip budget). The choice also carries the lean op's ``tie``
-(:func:`atac_jax.ops.lean._tie`): the policy's ``tie``, except ``"scalar"`` becomes ``"zeros"``
-where the batch may lie on several devices (the scalar would be broadcast by a collective).
-The figures behind each policy entry are in ``docs/ops_decisions.md``.
+tile within the on-chip budget, the batch a multiple of its shards), and, off TPU, Pallas'
+interpreter outside a ``shard_map`` that checks varying axes. The choice also carries the lean
+op's ``tie`` (:func:`atac_jax.ops.lean._tie`): the policy's ``tie``, except ``"scalar"`` becomes
+``"zeros"`` where the batch may lie on several devices (the scalar would be broadcast by a
+collective). The figures behind each policy entry are in ``docs/ops_decisions.md``.
 
-Where the batch lies (:func:`where_batch_lies`) answers from the explicit declaration, else the
-process's device count. Extending it (detecting the split from JAX itself: the mesh context,
-the input's sharding, ``shard_map``'s manual axes) adds cases to :func:`where_batch_lies`
-(which may then take ``x``); taking the platform from the lowering instead of
-:func:`~atac_jax.ops.policy.platform` means resolving one :class:`Choice` per platform and
-selecting among the lowered branches (``jax.lax.platform_dependent``). The table stays as it is.
+Where the batch lies (:func:`where_batch_lies`) is read from JAX itself, so a user's own step
+needs no declaration: one device; ``jax.shard_map``/``pmap`` (the local shard); JAX's mesh
+context (``jax.set_mesh``: the input's type names the batch's axes under explicit sharding, else
+the mesh's first axis); the :func:`~atac_jax.ops.pallas_backward.data_parallel` declaration
+overrides them all.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from atac_jax.ops import pallas_backward, policy
+from atac_jax.ops import pallas_backward, policy, types
 
 IMPLS = ("auto", "lean", "pallas", "reference")
 OPS = ("auto", "lean", "reference")
@@ -121,16 +119,59 @@ class BatchSplit(NamedTuple):
     return self.shards == 1
 
 
-def where_batch_lies() -> BatchSplit:
-  """The batch split of an op traced now.
+def _context_mesh():
+  """The abstract mesh of JAX's mesh context (``jax.set_mesh``, ``shard_map``, ``pmap``), or
+  None outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def _explicit_batch_axes(mesh, x) -> Optional[tuple[str, ...]]:
+  """The mesh axes the input's type splits its batch over (explicit sharding), () where the
+  type says the batch is whole on each device, None where the type does not say."""
+  if x is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = jax.typeof(x).sharding.spec
+  entry = spec[0] if len(spec) else None
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def where_batch_lies(x: Optional[jax.Array] = None) -> BatchSplit:
+  """The batch split of an op traced now, on input ``x`` (its leading axis is the batch).
+
+  First match:
 
   1. a :func:`~atac_jax.ops.pallas_backward.data_parallel` declaration (the explicit override);
-  2. one device in the process's runtime: the batch lies on it;
-  3. else unknown (a step whose batch XLA partitions looks the same as a replicated one).
+  2. inside ``jax.shard_map`` or ``pmap`` over every axis of the mesh (manual axes): ``x`` is
+     this device's shard, the kernels run on it as on one device;
+  3. JAX's mesh context (``jax.set_mesh``) with explicit axes: the mesh axes of ``x``'s type on
+     its batch axis (none: the batch is whole on every device);
+  4. JAX's mesh context with automatic axes: the batch is split over the mesh's first axis (the
+     usual data axis; declare others with ``data_parallel``). The kernels run per shard under
+     ``shard_map``, so the result is right wherever XLA actually put the batch;
+  5. one device in the process's runtime: the batch lies on it;
+  6. else unknown (a step whose batch XLA partitions looks the same as a replicated one).
   """
   declared = pallas_backward.current_data_parallel()
   if declared is not None:
     return BatchSplit(pallas_backward.shards(declared), declared, "data_parallel declaration")
+  mesh = _context_mesh()
+  if mesh is not None:
+    manual = tuple(mesh.manual_axes)
+    if manual:
+      others = [a for a in mesh.axis_names if a not in manual and mesh.shape[a] > 1]
+      if others:
+        return BatchSplit(None, None, f"shard_map over {list(manual)} of a mesh with "
+                          f"{others} automatic (the split over them is unknown)")
+      return BatchSplit(1, None, f"shard_map over {list(manual)}: the local shard")
+    axes = _explicit_batch_axes(mesh, x)
+    source = "the input's sharding in the mesh context"
+    if axes is None:
+      axes, source = (mesh.axis_names[0],), "the mesh context's first axis"
+    parallel = pallas_backward.DataParallel(mesh, axes) if axes else None
+    return BatchSplit(pallas_backward.shards(parallel), parallel, source)
   if jax.device_count() == 1:
     return BatchSplit(1, None, "one device")
   return BatchSplit(None, None, "several devices, no declaration")
@@ -167,28 +208,23 @@ def choose(request: Request, *, train: bool, axis_name: Any = None,
   Args:
     request: what the caller asks for.
     train: training mode (batch statistics).
-    axis_name: the ``shard_map``/``pmap`` axis of cross-device statistics, or None.
+    axis_name: the ``shard_map``/``pmap`` axis of cross-device statistics, or None (every
+      backward takes it: the lean op and the kernels sum their batch sums over it).
     x, params, inner_relu: the gate's input, :class:`~atac_jax.ops.GateParams` and option,
       for whether the kernels apply (rows 12-13); needed where a Pallas kernel may be chosen.
 
   Raises:
-    ValueError: for an unknown op or kernel, or op ``lean`` with an ``axis_name``.
+    ValueError: for an unknown op or kernel.
   """
   if request.op not in OPS:
     raise ValueError(f"Unknown gate op {request.op!r}; accepted: {list(OPS)}.")
   if request.kernel not in KERNELS:
     raise ValueError(f"Unknown backward kernel {request.kernel!r}; accepted: {list(KERNELS)}.")
-  platform, split = policy.platform(), where_batch_lies()
+  platform, split = policy.platform(), where_batch_lies(x)
   make = lambda backward, reason: Choice(backward, reason, platform, split, _tie(split))
   op, kernel = request
   if op == "reference":
     return make(Backward.REFERENCE, "1: asked")
-  if axis_name is not None:
-    if op == "lean":
-      raise ValueError(f"impl={'pallas' if kernel == 'pallas' else 'lean'!r} computes batch "
-                       f"statistics on one device; with axis_name={axis_name!r} use "
-                       "impl='reference' or 'auto'.")
-    return make(Backward.REFERENCE, "3: cross-device statistics (axis_name)")
   if not train:
     if op == "auto":
       return make(Backward.REFERENCE, "4: inference keeps nothing for a backward pass")
@@ -208,6 +244,12 @@ def choose(request: Request, *, train: bool, axis_name: Any = None,
     return make(Backward.XLA, "11: no Pallas kernels for GPU")
   unsupported = pallas_backward.supported(x, params, inner_relu=inner_relu,
                                           parallel=split.parallel)
+  if unsupported is None and axis_name is not None and split.parallel is not None:
+    unsupported = (f"axis_name={axis_name!r} inside a data_parallel declaration (declare the "
+                   "split or name the axis, not both)")
+  if unsupported is None and platform != "tpu" and x is not None and types.varying_axes(x):
+    unsupported = ("Pallas' interpreter does not run under a shard_map that checks varying "
+                   "axes (check_vma=True; TPU compiles the kernels there)")
   if unsupported is not None:
     return make(Backward.XLA, f"12: kernels do not apply: {unsupported}")
   return make(Backward.PALLAS, f"13: kernels ({split.source})")

@@ -11,10 +11,12 @@ Implementations (``impl``; which one runs is :func:`atac_jax.ops.dispatch.choose
   (:mod:`atac_jax.ops.pallas_backward`: two passes over the input instead of XLA's ~17 on TPU)
   where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8, a tile
   within the on-chip memory budget; else the XLA backward). Compiled by Mosaic on TPU, run in
-  Pallas' interpreter on the CPU (slow: for tests), the XLA backward on GPU. A step whose batch
-  XLA splits over devices declares it (``pallas_backward.data_parallel``); no ``axis_name``.
+  Pallas' interpreter on the CPU (slow: for tests), the XLA backward on GPU. Where the batch lies
+  is read from JAX (:func:`atac_jax.ops.dispatch.where_batch_lies`: one device, the mesh
+  context, ``shard_map``; ``pallas_backward.data_parallel`` overrides).
 * ``"auto"`` -- the policy's op (``"lean"`` on every backend today) with the XLA backward in
-  training; ``"reference"`` with an ``axis_name`` (cross-device statistics) or in inference.
+  training; ``"reference"`` in inference. Every implementation takes ``axis_name``
+  (cross-device statistics, as ``nn.BatchNorm(axis_name=...)``).
 
 ``impl`` may also be a :class:`~atac_jax.ops.dispatch.Request` (what the Flax modules pass: their
 ``backward_kernel="auto"`` takes the kernels on TPU where the batch's split is known).
@@ -57,7 +59,8 @@ def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
   choice = dispatch.choose(_request(impl), train=stats is None, axis_name=axis_name, x=x,
                            params=params, inner_relu=inner_relu)
   if choice.backward is not Backward.REFERENCE:
-    return lean.gate_op(x, params, stats, epsilon=epsilon, inner_relu=inner_relu, choice=choice)
+    return lean.gate_op(x, params, stats, epsilon=epsilon, inner_relu=inner_relu, choice=choice,
+                        axis_name=axis_name)
   return reference.gate(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
                         axis_name=axis_name)
 
@@ -75,6 +78,6 @@ def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: f
   if choice.backward is Backward.REFERENCE:
     fn, kwargs = reference.norm_gate, {"axis_name": axis_name}
   else:
-    fn, kwargs = lean.norm_gate_op, {"choice": choice}
+    fn, kwargs = lean.norm_gate_op, {"choice": choice, "axis_name": axis_name}
   return fn(x, norm, params, norm_epsilon=norm_epsilon, epsilon=epsilon, inner_relu=inner_relu,
             dtype=dtype, **kwargs)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from atac_jax.ops import batch_norm, dispatch, pallas_backward, policy, reductions
+from atac_jax.ops import batch_norm, dispatch, pallas_backward, policy, reductions, types
 from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
@@ -41,10 +41,13 @@ class Config:
 
   ``choice``: how the backward pass runs, resolved when the op is traced
   (:func:`atac_jax.ops.dispatch.choose`); None is the XLA backward with the ``"barrier"`` tie.
+  ``axis_name``: the ``shard_map``/``pmap`` axis (or axes) over which batch statistics are
+  global, or None.
   """
   epsilon: float
   inner_relu: bool
   choice: Optional[dispatch.Choice] = None
+  axis_name: Any = None
 
   @property
   def kernels(self) -> bool:
@@ -70,12 +73,14 @@ class InputNorm(NamedTuple):
   element-wise uses recompute ``p`` inside their fusions. Without (bfloat16, where the folded
   kernel loses precision: ``docs/ops_decisions.md``), the projection reads ``p`` computed once.
   Either way the BatchNorm's backward joins the gate's last pass (:meth:`backward`).
+  ``axis_name``: as :class:`Config`'s (``stats`` are then the whole batch's).
   """
   stats: Moments
   affine: Affine
   epsilon: float
   dtype: Any
   fold: bool
+  axis_name: Any = None
 
   def apply(self, x):
     return batch_norm.normalize(x, self.stats, self.affine, epsilon=self.epsilon,
@@ -138,7 +143,8 @@ class InputNorm(NamedTuple):
     scale = rs * self.affine.scale  # scale_shift's multiplier
     sum_dp = kernel32 @ sum_dh + sum_gate_dy
     sum_dp_xc = jnp.sum(kernel32 * xc_dh, axis=1) + sum_gate_dy_xc
-    c0, c1 = batch_norm.input_gradient_terms(scale, rs, sum_dp, sum_dp_xc, count, dstats)
+    c0, c1 = batch_norm.input_gradient_terms(scale, rs, sum_dp, sum_dp_xc, count, dstats,
+                                             axis_name=self.axis_name)
     dkernel = scale[:, None] * xc_dh + jnp.outer(self.affine.bias.astype(kernel32.dtype), sum_dh)
     daffine = Affine((sum_dp_xc * rs).astype(self.affine.scale.dtype),
                      sum_dp.astype(self.affine.bias.dtype))
@@ -170,16 +176,18 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
   the projection's pass. The up BatchNorm's moments come from the bottleneck's :class:`Gram`
   (``mean_u = mean_a Wu + bu``, ``var_u = diag(Wu^T cov_a Wu)``) instead of another pass over
   the ``C``-wide output. With ``norm``, ``x`` is a BatchNorm's input and the gate's input is
-  ``norm.apply(x)``.
+  ``norm.apply(x)``. With ``cfg.axis_name`` the statistics are the whole batch's (sums
+  ``psum``-ed over the axis) and the returned :class:`Gram` is this device's.
   """
   p_down, p_up = params.down, params.up
   dtype = p_down.kernel.dtype
-  count = x.size // x.shape[-1]
+  total = _total(cfg.axis_name)
+  count = batch_norm.global_count(x.size // x.shape[-1], cfg.axis_name)
   h = _project(x, p_down, norm)
   if stats is None:
-    m1 = colsum(h) / count if norm is None else norm.projected_mean(p_down)
+    m1 = total(colsum(h)) / count if norm is None else norm.projected_mean(p_down)
     hc = h.astype(acc_dtype(dtype)) - m1
-    v1 = colsum(jnp.square(hc)) / count
+    v1 = total(colsum(jnp.square(hc))) / count
     down = Moments(m1, v1)
   else:
     down = stats.down
@@ -189,9 +197,10 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
   u = _project(a, p_up, None)
   gram = None
   if stats is None:
-    gram = Gram(*reductions.gram(a))
-    mean_a = gram.total / count
-    cov_a = gram.matrix / count - jnp.outer(mean_a, mean_a)
+    gram = Gram(*reductions.gram(a))  # this device's: its parameter gradients' part
+    whole = total(gram)
+    mean_a = whole.total / count
+    cov_a = whole.matrix / count - jnp.outer(mean_a, mean_a)
     ku = p_up.kernel.astype(cov_a.dtype)
     m2 = mean_a @ ku + (0.0 if p_up.bias is None else p_up.bias.astype(cov_a.dtype))
     up = Moments(m2, jnp.maximum(0.0, jnp.sum(ku * (cov_a @ ku), axis=0)))
@@ -298,7 +307,7 @@ def _up_backward(a, dz, kernel32, bias32, affine: Affine, moments: Moments, gram
   if batch_stats:  # du = scale * dz + c0 + c1 * (u - mean)
     c0, c1, dkernel, dbias = batch_norm.projection_gradients(
         gram.total, gram.matrix, kernel32, shift, scale, rs, sum_dz, sum_dz_uc, a_dz, count,
-        dmoments, bias=bias32 is not None)
+        dmoments, bias=bias32 is not None, axis_name=cfg.axis_name)
     da = (reductions.pointwise_sum((dz, (scale * kernel32).T),
                                    (a, (kernel32 * c1) @ kernel32.T))
           + (c0 + c1 * shift) @ kernel32.T)
@@ -336,7 +345,8 @@ def _down_backward(da, h, affine: Affine, moments: Moments, dmoments: Optional[M
   # sum(dh) from per-channel sums, so dh need not be written for a reduction of its own: the
   # products with it (dx, the kernel gradient) recompute it inside their fusions.
   if batch_stats:
-    e0, e1 = batch_norm.input_gradient_terms(scale, rs, sum_da, sum_da_hc, count, dmoments)
+    e0, e1 = batch_norm.input_gradient_terms(scale, rs, sum_da, sum_da_hc, count, dmoments,
+                                             axis_name=cfg.axis_name)
     dh = scale * da + e0 + e1 * hc
     sum_dh = scale * sum_da + count * e0 + e1 * colsum(hc)
     dstats_in = None
@@ -391,7 +401,8 @@ def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels:
                                     norm=with_norm(norm_moments, norm_affine),
                                     norm_dstats=norm_dstats,
                                     interpret=cfg.choice.interpret,
-                                    parallel=cfg.choice.split.parallel)
+                                    parallel=cfg.choice.split.parallel,
+                                    axis_name=cfg.axis_name)
 
   pallas.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
   return pallas(*args)
@@ -457,6 +468,26 @@ def _lean_jvp(run, backward_fn, primals, tangents):
   return out, linear_map(tangent_map, cotangent_map, residuals, tuple(tangents))
 
 
+def _total(axis_name: Any):
+  """Sums of this device's rows -> the whole batch's (``psum`` over ``axis_name``, if any)."""
+  if axis_name is None:
+    return lambda tree: tree
+  return lambda tree: lax.psum(tree, axis_name)
+
+
+def _whole_batch_cotangents(ct: Any, x: jax.Array, axis_name: Any) -> Any:
+  """Cotangents of the whole batch's statistics (``axis_name``) summed over the devices.
+
+  Each device's loss adds its own cotangent to statistics every device shares; their gradient
+  is the sum (the reference op's ``psum`` transposes to one). A ``shard_map`` that checks varying
+  axes has summed them already, in the transpose of the cast JAX inserts where the invariant
+  statistics meet a device's values; the input is then typed as varying.
+  """
+  if axis_name is None or ct is None or types.varying_axes(x):
+    return ct
+  return lax.psum(ct, axis_name)
+
+
 def _input_mean(x, cfg: Config) -> Optional[jax.Array]:
   """The batch mean of an unnormalised gate's input for its backward pass, taken before the
   tie where the tie leaves ``x`` as it is (``"scalar"``), else None (taken in :func:`backward`
@@ -481,6 +512,7 @@ def _train_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, params), (batch,) = primals, stats
     dy, dstats = ct
+    dstats = _whole_batch_cotangents(dstats, x, cfg.axis_name)
     kernels = cfg.kernels
     mean = _input_mean(x, cfg)
     x, params, mean = _tie(x, params, dy, mode=cfg.tie, with_input=kernels, centre=mean)
@@ -512,30 +544,37 @@ def _eval_gate_jvp(cfg, primals, tangents):
   return out[0], tangent[0]
 
 
-def _lean_choice(kernel: str, x, params, inner_relu: bool) -> dispatch.Choice:
+def _lean_choice(kernel: str, x, params, inner_relu: bool, axis_name: Any) -> dispatch.Choice:
   """How the lean op's backward runs for a direct caller asking for ``kernel``."""
-  return dispatch.choose(dispatch.Request("lean", kernel), train=True, x=x, params=params,
-                         inner_relu=inner_relu)
+  return dispatch.choose(dispatch.Request("lean", kernel), train=True, axis_name=axis_name, x=x,
+                         params=params, inner_relu=inner_relu)
+
+
+def _hashable(axis_name: Any) -> Any:
+  """``axis_name`` as a static option (a list of axes becomes a tuple)."""
+  return tuple(axis_name) if isinstance(axis_name, list) else axis_name
 
 
 def gate(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
-         epsilon: float, inner_relu: bool, kernel: str = "xla"):
+         epsilon: float, inner_relu: bool, kernel: str = "xla", axis_name: Any = None):
   """The gate with the lean backward; same signature and results as ``reference.gate``.
 
   ``kernel``: the training backward asked for, ``"xla"``, ``"pallas"`` or ``"auto"``
-  (:func:`atac_jax.ops.dispatch.choose`, rows 8-13).
+  (:func:`atac_jax.ops.dispatch.choose`, rows 8-13). ``axis_name``: a ``shard_map``/``pmap``
+  axis over which batch statistics are global (as the reference op's).
 
   Returns:
     With ``stats``: ``y``. Without: ``(y, GateStats)``, the float32 batch moments.
   """
   return gate_op(x, params, stats, epsilon=epsilon, inner_relu=inner_relu,
-                 choice=_lean_choice(kernel, x, params, inner_relu))
+                 choice=_lean_choice(kernel, x, params, inner_relu, axis_name),
+                 axis_name=axis_name)
 
 
 def gate_op(x: jax.Array, params: GateParams, stats: Optional[GateStats] = None, *,
-            epsilon: float, inner_relu: bool, choice: dispatch.Choice):
+            epsilon: float, inner_relu: bool, choice: dispatch.Choice, axis_name: Any = None):
   """:func:`gate` with its backward already chosen (what :func:`atac_jax.ops.gate` calls)."""
-  cfg = Config(float(epsilon), bool(inner_relu), choice)
+  cfg = Config(float(epsilon), bool(inner_relu), choice, _hashable(axis_name))
   if stats is None:
     return _train_gate(cfg, x, params)
   return _eval_gate(cfg, x, params, stats)
@@ -553,8 +592,9 @@ class NormConfig:
 
 
 def _norm_gate_run(cfg: NormConfig, x, norm_affine, params):
-  moments = batch_norm.moments(x)
-  norm = InputNorm(moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold)
+  moments = batch_norm.moments(x, axis_name=cfg.gate.axis_name)
+  norm = InputNorm(moments, norm_affine, cfg.norm_epsilon, cfg.dtype, cfg.fold,
+                   cfg.gate.axis_name)
   y, batch, gram = forward(x, params, None, cfg.gate, norm=norm)
   return (y, moments, batch), gram
 
@@ -569,10 +609,12 @@ def _norm_gate_jvp(cfg, primals, tangents):
   def backward_fn(primals, gram, stats, ct):
     (x, norm_affine, params), (moments, batch) = primals, stats
     dy, dmoments, dbatch = ct
+    dmoments, dbatch = _whole_batch_cotangents((dmoments, dbatch), x, cfg.gate.axis_name)
     kernels = cfg.gate.kernels
     x_tied, (norm_tied, params), moments = _tie(x, (norm_affine, params), dy, mode=cfg.gate.tie,
                                                 with_input=kernels, centre=moments)
-    norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold)
+    norm = InputNorm(moments, norm_tied, cfg.norm_epsilon, cfg.dtype, cfg.fold,
+                     cfg.gate.axis_name)
     dx, dparams, daffine = _train_backward(x_tied, params, batch, gram, dy, dbatch, cfg.gate,
                                            kernels=kernels, norm=norm, norm_dstats=dmoments)
     return dx, daffine, dparams
@@ -580,25 +622,27 @@ def _norm_gate_jvp(cfg, primals, tangents):
 
 
 def norm_gate(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
-              epsilon: float, inner_relu: bool, dtype: Any, kernel: str = "xla"
-              ) -> tuple[jax.Array, Moments, GateStats]:
+              epsilon: float, inner_relu: bool, dtype: Any, kernel: str = "xla",
+              axis_name: Any = None) -> tuple[jax.Array, Moments, GateStats]:
   """``gate(BN(x))`` in training mode as one op whose backward pass keeps only ``x``.
 
   Same signature and results as ``reference.norm_gate``. Whether the BatchNorm folds into the
   down-projection follows :func:`atac_jax.ops.policy.choice` ``'fold_norm'``, in float32 only.
-  ``kernel``: as :func:`gate`'s.
+  ``kernel``, ``axis_name``: as :func:`gate`'s.
   """
   return norm_gate_op(x, norm, params, norm_epsilon=norm_epsilon, epsilon=epsilon,
                       inner_relu=inner_relu, dtype=dtype,
-                      choice=_lean_choice(kernel, x, params, inner_relu))
+                      choice=_lean_choice(kernel, x, params, inner_relu, axis_name),
+                      axis_name=axis_name)
 
 
 def norm_gate_op(x: jax.Array, norm: Affine, params: GateParams, *, norm_epsilon: float,
-                 epsilon: float, inner_relu: bool, dtype: Any, choice: dispatch.Choice
-                 ) -> tuple[jax.Array, Moments, GateStats]:
+                 epsilon: float, inner_relu: bool, dtype: Any, choice: dispatch.Choice,
+                 axis_name: Any = None) -> tuple[jax.Array, Moments, GateStats]:
   """:func:`norm_gate` with its backward already chosen (what :func:`atac_jax.ops.norm_gate`
   calls)."""
   fold = bool(policy.choice("fold_norm")) and jnp.dtype(dtype).itemsize >= 4
-  cfg = NormConfig(Config(float(epsilon), bool(inner_relu), choice), float(norm_epsilon),
+  cfg = NormConfig(Config(float(epsilon), bool(inner_relu), choice, _hashable(axis_name)),
+                   float(norm_epsilon),
                    jnp.dtype(dtype), fold)
   return _norm_gate(cfg, x, norm, params)

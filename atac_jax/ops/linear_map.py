@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from atac_jax.ops.types import varying_axes
+
 linear_map_p = Primitive("atac_linear_map")
 linear_map_p.multiple_results = True
 
@@ -58,11 +60,19 @@ def linear_map(forward: Callable[[Any, Any], Any], transpose: Callable[[Any, Any
     lin = jax.tree.unflatten(lin_tree, lin_flat)
     zeros = lambda ct, t: ct if ct is not None or t is None else jnp.zeros(t.shape, t.dtype)
     filled = jax.tree.map(zeros, cts, lin, is_leaf=lambda v: v is None)
-    return jax.tree.leaves(filled)
+    return [_summed_like(ct, t) for ct, t in zip(jax.tree.leaves(filled), lin_flat)]
 
   out = linear_map_p.bind(*res_flat, *lin_flat, fn=flat_forward, transpose=flat_transpose,
                           n_res=n_res)
   return jax.tree.unflatten(out_tree, out)
+
+
+def _summed_like(ct, tangent):
+  """A cotangent that varies over axes its input does not (a parameter shared by the devices,
+  a gradient from this device's rows) summed over them: what the transpose of the cast JAX
+  inserts where an invariant operand meets a varying one does."""
+  extra = varying_axes(ct) - varying_axes(tangent)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 def _impl(*args, fn, transpose, n_res):
@@ -72,8 +82,9 @@ def _impl(*args, fn, transpose, n_res):
 
 def _abstract_eval(*avals, fn, transpose, n_res):
   del transpose, n_res
-  structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-  return [jax.core.ShapedArray(o.shape, o.dtype) for o in jax.eval_shape(fn, *structs)]
+  # Traced on the avals themselves, so the outputs keep their sharding and varying axes
+  # (explicit sharding, shard_map) as well as shape and dtype.
+  return jax.make_jaxpr(fn)(*avals).out_avals
 
 
 def _jvp(primals: Sequence[Any], tangents: Sequence[Any], *, fn, transpose, n_res):

@@ -54,7 +54,8 @@ from atac_jax.ops.pallas_tiles import (  # pylint: disable=unused-import
     SUBLANES, VMEM_BUDGET, VMEM_LIMIT_FLOOR, ActProducts, BottleneckConsts, BottleneckSums,
     DownGradConsts, InputConsts, InputGradConsts, InputProducts, InputSums, MiB, Tiling,
     _lane_sums, _padded_bytes, batch_minor_layout, tiling, vmem_bytes, vmem_limit)
-from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
+from atac_jax.ops.types import (Affine, GateParams, GateStats, Moments, Projection, cast_like,
+                                varying_like)
 
 _HI = lax.Precision.HIGHEST
 
@@ -200,6 +201,15 @@ def _dx_kernel(x_ref, dy_ref, w_down_ref, w_up_ref, w_back_ref, input_consts_ref
   dx_ref[...] = (dx.T.reshape(dx_ref.shape) if transposed else dx).astype(dx_ref.dtype)
 
 
+def _varying_like(out: jax.ShapeDtypeStruct, operand: jax.Array) -> jax.ShapeDtypeStruct:
+  """``out`` varying over the manual mesh axes ``operand`` varies over: inside a
+  ``jax.shard_map`` that checks them, a ``pallas_call`` must say how its outputs vary."""
+  manual = getattr(jax.typeof(operand), "manual_axis_type", None)
+  if manual is None:
+    return out
+  return jax.ShapeDtypeStruct(out.shape, out.dtype, manual_axis_type=manual)
+
+
 def _pallas(kernel, tiled, consts, outs, *, tiles: Tiling, flops: int, transcendentals: int,
             interpret: bool, accumulate: bool, kernel_options, vmem: int):
   """One pallas_call over the tiles of ``tiled`` (rows), ``consts`` whole in each step.
@@ -220,6 +230,8 @@ def _pallas(kernel, tiled, consts, outs, *, tiles: Tiling, flops: int, transcend
   else:
     outs = [jax.ShapeDtypeStruct(tiled[0].shape, o.dtype) for o in outs]
     out_specs = [pl.BlockSpec(block, index) for _ in outs]
+  outs = [_varying_like(o, tiled[0]) for o in outs]
+  consts = varying_like(tiled[0], tuple(jnp.asarray(c) for c in consts))
   nbytes = sum(_padded_bytes(a.shape) for a in (*tiled, *consts, *outs))
   kwargs = {}
   if not interpret:
@@ -336,12 +348,12 @@ class _UpGradients(NamedTuple):
 
 
 def _up_gradients(f: _Folded, ku32, gram, sums: InputSums, act: ActProducts, count, dup,
-                  bias: bool) -> _UpGradients:
+                  bias: bool, axis_name) -> _UpGradients:
   sum_dz_uc = jnp.sum(ku32 * act.a_dz, axis=0) + f.up_shift * sums.dz
   dscale, dbias = sum_dz_uc * f.rs_up, sums.dz
   c0, c1, dkernel, dproj_bias = batch_norm.projection_gradients(
       gram.total, gram.matrix, ku32, f.up_shift, f.up_scale, f.rs_up, sums.dz, sum_dz_uc,
-      act.a_dz, count, dup, bias=bias)
+      act.a_dz, count, dup, bias=bias, axis_name=axis_name)
   m_mat = (ku32 * c1) @ ku32.T
   da_offset = (c0 + c1 * f.up_shift) @ ku32.T
   return _UpGradients(dscale, dbias, dkernel, dproj_bias, m_mat, da_offset)
@@ -358,14 +370,14 @@ class _DownGradients(NamedTuple):
 
 
 def _down_gradients(f: _Folded, up: _UpGradients, sums: BottleneckSums, act: ActProducts,
-                    inputs: InputProducts, sum_xc, count, ddown) -> _DownGradients:
+                    inputs: InputProducts, sum_xc, count, ddown, axis_name) -> _DownGradients:
   # sums of da_m = mask (da_dz + a M + r) from the accumulated coefficients
   sum_da = sums.mask_da_dz + jnp.sum(up.m_mat * act.a_mask, axis=0) + up.da_offset * sums.mask
   sum_da_hc = (sums.mask_da_dz_hc + jnp.sum(up.m_mat * act.a_mask_hc, axis=0)
                + up.da_offset * sums.mask_hc)
   dscale, dbias = sum_da_hc * f.rs_down, sum_da
   e0, e1 = batch_norm.input_gradient_terms(f.down_scale, f.rs_down, sum_da, sum_da_hc, count,
-                                           ddown)
+                                           ddown, axis_name=axis_name)
   sum_dh = f.down_scale * sum_da + count * e0 + e1 * sums.hc
   xc_da = (inputs.xc_mask_da_dz + jnp.einsum("cjk,jk->ck", inputs.xc_a_mask, up.m_mat)
            + inputs.xc_mask * up.da_offset)
@@ -376,7 +388,7 @@ def _down_gradients(f: _Folded, up: _UpGradients, sums: BottleneckSums, act: Act
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
              dstats: Optional[GateStats], *, epsilon: float, norm=None,
              norm_dstats: Optional[Moments] = None, interpret: bool = False,
-             parallel: Optional[DataParallel] = None):
+             parallel: Optional[DataParallel] = None, axis_name: Any = None):
   """Same contract as :func:`atac_jax.ops.lean.backward` with ``batch_stats=True``.
 
   Args:
@@ -386,6 +398,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
     interpret: run the kernels in Pallas' interpreter (CPU tests).
     parallel: the batch's mesh axes (the op's :class:`~atac_jax.ops.dispatch.Choice`): the
       kernels then run per device on its shard.
+    axis_name: inside ``shard_map``/``pmap``, the axis over which batch statistics are global:
+      the kernels take this device's sums, the BatchNorms' constants the whole batch's
+      (``batch_norm.input_gradient_terms``); the parameter gradients are this device's part.
 
   Returns:
     ``(dx, dparams, daffine)`` with ``norm``, else ``(dx, dparams, None)``.
@@ -437,9 +452,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
 
   # The BatchNorms' gradients from the sums (host side, small).
   up = _up_gradients(f, ku32, gram, input_sums, act_products, count, dup,
-                     bias=params.up.bias is not None)
+                     bias=params.up.bias is not None, axis_name=axis_name)
   down = _down_gradients(f, up, bottleneck_sums, act_products, input_products, input_sums.xc,
-                         count, ddown)
+                         count, ddown, axis_name)
   dbd = None if params.down.bias is None else down.sum_dh
   daffine = None
   if norm is not None:  # lean.InputNorm's terms with xc = x - norm_mean

@@ -21,6 +21,18 @@ def rows(a: jax.Array) -> jax.Array:
   return a.reshape(-1, a.shape[-1])
 
 
+def _row_sum_sharding(a: jax.Array) -> Any:
+  """``out_sharding`` of a product summing ``a``'s rows: replicated where JAX's mesh context
+  types ``a`` as split over explicit axes (explicit sharding asks where such a sum lies), else
+  None (XLA decides)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(spec is not None for spec in jax.typeof(a).sharding.spec):
+    return None
+  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return jax.sharding.PartitionSpec()
+
+
 def colsum(a: jax.Array) -> jax.Array:
   """Sum over all but the channel axis, accumulated and returned in at least float32.
 
@@ -28,7 +40,8 @@ def colsum(a: jax.Array) -> jax.Array:
   """
   a = rows(a)
   if policy.choice("colsum") == "ones_matmul":
-    return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a, preferred_element_type=acc_dtype(a.dtype))
+    return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a, preferred_element_type=acc_dtype(a.dtype),
+                   out_sharding=_row_sum_sharding(a))
   return jnp.sum(a.astype(acc_dtype(a.dtype)), axis=0)
 
 
@@ -91,9 +104,10 @@ def tdot(a: jax.Array, b: jax.Array) -> jax.Array:
   gradient of a 1x1 convolution (a convolution whose window covers the spatial axes).
   """
   acc = acc_dtype(jnp.result_type(a, b))
-  if not _as_conv(a):
+  out_sharding = _row_sum_sharding(a)
+  if not _as_conv(a) or out_sharding is not None:
     return lax.dot_general(rows(a), rows(b), (((0,), (0,)), ((), ())),
-                           preferred_element_type=acc)
+                           preferred_element_type=acc, out_sharding=out_sharding)
   a, b = _promoted(a, b)
   r = a.ndim
   spatial = tuple(range(1, r - 1))
@@ -111,7 +125,7 @@ def gram(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   Per policy ``'contraction'``: separately, or (convolutions) as one weight-gradient
   convolution of ``a`` with a column of ones appended, so the sums ride along in the same pass.
   """
-  if not _as_conv(a):
+  if not _as_conv(a) or _row_sum_sharding(a) is not None:
     return colsum(a), tdot(a, a)
   with_ones = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
   product = tdot(with_ones, a)  # (K + 1, K); the last row is the column sum

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
+from jax import lax
 
 Array = jax.Array
 
@@ -52,3 +53,25 @@ class GateStats(NamedTuple):
 def cast_like(grads, like):
   """``grads`` cast leaf by leaf to the dtypes of ``like`` (same pytree; None where it has None)."""
   return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, like)
+
+
+def varying_axes(a: Any) -> frozenset:
+  """The manual mesh axes ``a`` is typed as varying over: inside a ``jax.shard_map`` that checks
+  them (``check_vma=True``), a device's shard; empty elsewhere."""
+  manual = getattr(jax.typeof(a), "manual_axis_type", None)
+  return frozenset(getattr(manual, "varying", None) or ())
+
+
+def varying_like(x: jax.Array, tree: Any) -> Any:
+  """``tree``'s arrays cast to varying over the axes ``x`` varies over (:func:`varying_axes`):
+  what JAX does to a primitive's invariant operands where they meet a varying one, done by
+  hand for a ``pallas_call``'s operands."""
+  varying = varying_axes(x)
+  if not varying:
+    return tree
+
+  def cast(leaf):
+    missing = tuple(sorted(varying - varying_axes(leaf)))
+    return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+  return jax.tree.map(cast, tree)
