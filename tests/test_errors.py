@@ -143,7 +143,10 @@ def test_bad_workdir_fails_before_training(tmp_path):
 
 def _start(workdir, *, interrupt_at):
   """The trainer, told to send itself SIGINT at a named point (atac_train.hooks)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **{INTERRUPT_AT_ENV: interrupt_at})
+  # One CPU device, spelt as test_gcs_workdir.py's runs spell it: the same XLA flags make the same
+  # programs, so the session's compilation cache serves both (see conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             **{INTERRUPT_AT_ENV: interrupt_at})
   command = [sys.executable, "-m", "atac_train", "train", "--config", "quickstart", "--workdir",
              str(workdir), "--config.model.name=cifar_resnet8", "--config.global_batch_size=32",
              "--config.num_epochs=1", "--config.progress_bar=False"]
