@@ -34,6 +34,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402  (after the XLA flags above)
 
+# The test files that take longest, heaviest first (worker seconds in a full run on the 2-core VM,
+# 2026-12-06: test_transforms.py ~430 s ... test_bench.py ~40 s; the other files take under 35 s).
+# pytest-xdist hands whole files to workers in collection order (``--dist loadfile
+# --no-loadscope-reorder``, pyproject.toml), so these go first and the many short files fill in
+# at the end: otherwise a few-test file of minutes (GCS workdirs, two processes) started last and
+# ran alone for minutes while the other worker sat idle.
+SLOWEST_FILES = (
+    "test_transforms.py", "test_trainer.py", "test_pallas_backward.py",
+    "test_atac_in_user_code.py", "test_ops.py", "test_fault_tolerance.py", "test_atac.py",
+    "test_gcs_workdir.py", "test_main.py", "test_docs.py", "test_errors.py", "test_nnx.py",
+    "test_viz.py", "test_export.py", "test_registry.py", "test_activations.py",
+    "test_conventions.py", "test_cifar_resnet.py", "test_checkpoint.py", "test_resume.py",
+    "test_atac_fusion.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+  """The files of ``SLOWEST_FILES`` first, in that order; each file's tests keep their order."""
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
 
 def small_quickstart_config(**overrides):
   """The quickstart recipe shrunk for tests: ResNet-8, batch 32, 2 epochs (88 steps)."""
