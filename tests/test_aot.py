@@ -194,6 +194,27 @@ def test_compile_pallas_backward_on_v5e(capsys):
   assert ratio["bytes_accessed_ratio"] < 1  # fewer bytes than the XLA backward
 
 
+def test_compile_user_steps_take_the_kernels(capsys):
+  """A plain SGD step in the user's own ``jax.jit`` under ``jax.set_mesh`` and the same step
+  under ``jax.shard_map`` with the model's ``axis_name`` (no project declaration either way) get
+  the Pallas backward per device, no all-gather of the batch, and move the project step's bytes
+  within 5% (libtpu only; 20-40 s of CPU per side)."""
+  pytest.importorskip("libtpu")
+  records = {}
+  for step in ("user", "shard_map", "project"):
+    bench.main(["compile", "--topology", "v5e:2x2", "--model", "cifar_resnet8", "--act", "atac",
+                "--batch", "32", "--step", step, "--breakdown", "200"])
+    records[step] = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+  for step in ("user", "shard_map"):
+    record = records[step]
+    assert record["step"] == step
+    sources = [s["source"] for s in record["breakdown"]["by_source"]]
+    assert any(s.endswith("pallas_call") for s in sources), step
+    assert not any(t["op"].startswith("all-gather") for t in record["breakdown"]["top"]), step
+    assert record["bytes_accessed_gb_per_chip"] == pytest.approx(
+        records["project"]["bytes_accessed_gb_per_chip"], rel=0.05), step
+
+
 @pytest.mark.parametrize("n, hw, c", [(32, 32, 16), (32, 16, 32), (32, 8, 64), (128, 8, 64),
                                       (64, 8, 32), (8, 8, 16)])
 def test_xla_tpu_layout_matches_pallas_batch_minor_layout(n, hw, c):

@@ -150,30 +150,114 @@ def topology_devices(topology: Topology) -> list[Any]:
   return devices
 
 
-def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
-  """AOT-compiles the project's train step for ``config`` on ``topology``.
+STEPS = ("project", "user", "shard_map")
+
+
+def user_train_step(model, *, learning_rate: float = 0.1):
+  """A plain SGD step written as a user writes one around the Flax modules: ``model.apply``,
+  ``jax.value_and_grad``, no project code (no ``data_parallel`` declaration, no optimizer
+  state). Returns ``step(variables, images, labels) -> (variables, loss)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def step(variables, images, labels):
+    def loss_fn(params):
+      logits, updates = model.apply({**variables, "params": params}, images, train=True,
+                                    mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda p, g: p - learning_rate * g, variables["params"], grads)
+    return {**variables, **updates, "params": params}, loss
+
+  return step
+
+
+def _lower_project_step(config, devices):
+  """The project's train step (``trainer.compile_steps``) lowered on shapes for ``devices``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from atac_train import trainer  # pylint: disable=g-import-not-at-top
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
+  s = trainer.setup(config, devices=devices)
+  train_step, _ = trainer.compile_steps(config, s)
+  struct = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  state = jax.tree.map(lambda a, sh: struct(a.shape, a.dtype, sh), s.abstract_state,
+                       s.state_sharding)
+  batch = {k: struct(shape, dtype, s.batch_sharding)
+           for k, (shape, dtype) in device.batch_shapes(s.info, config.global_batch_size).items()}
+  return train_step.lower(state, batch)
+
+
+def _lower_user_step(config, devices, *, shard_map: bool = False):
+  """:func:`user_train_step` in the user's own ``jax.jit`` over a ``data`` mesh of ``devices``
+  in JAX's mesh context (``jax.set_mesh``): variables replicated, the batch split. With
+  ``shard_map``, the step runs per device under ``jax.shard_map`` with the model's
+  ``axis_name="data"`` (every BatchNorm and unit with statistics over the whole batch); the
+  parameters' gradients are summed over the devices by ``shard_map`` itself."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from atac_train import trainer  # pylint: disable=g-import-not-at-top
+  s = trainer.setup(config, devices=devices)  # the model and the data's shapes
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
+  n = config.global_batch_size
+  shape = tuple(device.batch_shapes(s.info, n)["image"][0][1:])  # the images the model takes
+  variables = jax.eval_shape(lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + shape),
+                                                  train=False))
+  replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh,
+                                                                          PartitionSpec("data"))
+  struct = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  variables = jax.tree.map(lambda a: struct(a, replicated), variables)
+  images = jax.ShapeDtypeStruct((n,) + shape, jnp.float32, sharding=split)
+  labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=split)
+  if shard_map:
+    per_device = user_train_step(s.model.clone(axis_name="data"))
+
+    def step_fn(variables, images, labels):
+      variables, loss = per_device(variables, images, labels)
+      return variables, jax.lax.pmean(loss, "data")
+
+    step_fn = jax.shard_map(step_fn, mesh=mesh,
+                            in_specs=(PartitionSpec(), PartitionSpec("data"),
+                                      PartitionSpec("data")),
+                            out_specs=(PartitionSpec(), PartitionSpec()))
+  else:
+    step_fn = user_train_step(s.model)
+  step = jax.jit(step_fn, out_shardings=(replicated, replicated))
+  with jax.set_mesh(mesh):
+    return step.lower(variables, images, labels)
+
+
+def compile_step(config, topology: Topology, *, step: str = "project"
+                 ) -> tuple[dict[str, Any], Any]:
+  """AOT-compiles a train step for ``config`` on ``topology``.
+
+  Args:
+    config: the training config.
+    topology: the TPU topology.
+    step: ``"project"``, the project's train step (what the CLI runs); ``"user"``, a plain
+      SGD step in the user's own ``jax.jit`` under ``jax.set_mesh`` (:func:`user_train_step`);
+      ``"shard_map"``, the same step per device under ``jax.shard_map``, the model's BatchNorms
+      and units taking ``axis_name``.
 
   Returns:
     ``(record, compiled)``: the per-chip figures (see the module docstring) and the compiled
     executable (``compiled.as_text()`` is the optimised HLO).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from atac_train import trainer  # pylint: disable=g-import-not-at-top
+  if step not in STEPS:
+    raise ValueError(f"Unknown --step {step!r}; accepted: {list(STEPS)}.")
   check_batch(config.global_batch_size, topology)
   libtpu = require_libtpu()
   devices = topology_devices(topology)
-  s = trainer.setup(config, devices=devices)
-  train_step, _ = trainer.compile_steps(config, s)
-  struct = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  state = jax.tree.map(lambda a, sh: struct(a.shape, a.dtype, sh), s.abstract_state,
-                       s.state_sharding)
-  n = config.global_batch_size
-  from atac_train.data import device  # pylint: disable=g-import-not-at-top
-  batch = {k: struct(shape, dtype, s.batch_sharding)
-           for k, (shape, dtype) in device.batch_shapes(s.info, n).items()}
   from atac_jax import ops  # pylint: disable=g-import-not-at-top
   with ops.policy.lowering_platform("tpu"):  # the ops' per-backend choices for the target
-    lowered = train_step.lower(state, batch)
+    if step == "project":
+      lowered = _lower_project_step(config, devices)
+    else:
+      lowered = _lower_user_step(config, devices, shard_map=step == "shard_map")
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
@@ -182,10 +266,11 @@ def compile_step(config, topology: Topology) -> tuple[dict[str, Any], Any]:
   memory = compiled.memory_analysis()
   memory_fields = ("peak_memory_in_bytes", "temp_size_in_bytes", "argument_size_in_bytes",
                    "output_size_in_bytes", "alias_size_in_bytes", "generated_code_size_in_bytes")
+  n = config.global_batch_size
   options = dict(config.model.options)
   act_options = dict(options.pop("act_options", {}))
   record = {
-      "model": config.model.name, "act": config.model.act, "batch": n,
+      "model": config.model.name, "act": config.model.act, "step": step, "batch": n,
       "dtype": "bf16" if config.half_precision else "float32", **options,
       "act_options": act_options, "topology": topology.name, "chips": len(devices),
       "batch_per_chip": n // len(devices), "device_kind": devices[0].device_kind,
@@ -317,7 +402,7 @@ def run_compile(args, config_a, config_b=None, emit=None) -> list[dict[str, Any]
   for side, config in (("a", config_a), ("b", config_b)):
     if config is None:
       continue
-    record, compiled = compile_step(config, topology)
+    record, compiled = compile_step(config, topology, step=getattr(args, "step", "project"))
     record = {"side": side, **record}
     if args.breakdown:
       b = breakdown(compiled.as_text(), args.breakdown)

@@ -390,6 +390,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="activation option of the --compare side (default: none)")
   comp.add_argument("--breakdown", type=int, default=0, metavar="N",
                     help="add the N instructions that move the most bytes")
+  comp.add_argument("--step", choices=("project", "user", "shard_map"), default="project",
+                    help="the project's train step; a plain SGD step in the user's own jax.jit "
+                    "under jax.set_mesh, no project code ('user'); or that step under "
+                    "jax.shard_map with the model's axis_name (default: %(default)s)")
 
   kern = sub.add_parser("kernels", help="the Pallas backward's gradients against the XLA "
                         "backward's on this machine's device (run it on a TPU); exits 1 on a "
