@@ -199,9 +199,9 @@ def _lower_user_step(config, devices, *, shard_map: bool = False):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from atac_train import trainer  # pylint: disable=g-import-not-at-top
+  from atac_train.data import device  # pylint: disable=g-import-not-at-top
   s = trainer.setup(config, devices=devices)  # the model and the data's shapes
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  from atac_train.data import device  # pylint: disable=g-import-not-at-top
   n = config.global_batch_size
   shape = tuple(device.batch_shapes(s.info, n)["image"][0][1:])  # the images the model takes
   variables = jax.eval_shape(lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + shape),

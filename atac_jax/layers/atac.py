@@ -64,9 +64,10 @@ class ATAC(nn.Module):
       ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
     backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"pallas"``
       on TPU where the batch's split is known: one device, JAX's mesh context, ``shard_map``,
-      or a ``pallas_backward.data_parallel`` step; ``"xla"`` elsewhere), ``"xla"``, or ``"pallas"``: the training backward pass of a
-      float32 unit as two Pallas kernels where they apply (``atac_jax.ops.pallas_backward``;
-      Mosaic on TPU, Pallas' interpreter on the CPU, the XLA backward on GPU). Which backward
+      or a ``pallas_backward.data_parallel`` step; ``"xla"`` elsewhere), ``"xla"``, or
+      ``"pallas"``: the training backward pass of a float32 unit as two Pallas kernels where
+      they apply (``atac_jax.ops.pallas_backward``; Mosaic on TPU, Pallas' interpreter on the
+      CPU, the XLA backward on GPU). Which backward
       runs, and why: :func:`atac_jax.ops.dispatch.choose`.
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); every backward takes it (the lean op and the kernels
@@ -149,7 +150,8 @@ class ATAC(nn.Module):
   def fuses_norm(self, *, train: bool) -> bool:
     """Whether a ``norm`` given to this unit joins its op (else it runs before it).
 
-    True for a memory-lean point-wise unit in training whose ``axis_name`` is the norm's.
+    True for a memory-lean point-wise unit in training; a ``norm`` whose ``axis_name`` differs
+    from the unit's still runs on its own (``__call__``).
     """
     return train and self.memory_lean and not self.use_global
 

@@ -23,10 +23,7 @@ def moments(x: jax.Array, *, axis_name: Any = None, plain: bool = False) -> Mome
   x32 = reductions.rows(x).astype(reductions.acc_dtype(x.dtype))
   count = jnp.asarray(x32.shape[0], x32.dtype)
   total = (lambda a: jnp.sum(a, axis=0)) if plain else reductions.colsum
-  sums = (total(x32), total(jnp.square(x32)), count)
-  if axis_name is not None:
-    sums = lax.psum(sums, axis_name)
-  total, total_sq, count = sums
+  total, total_sq, count = whole_batch((total(x32), total(jnp.square(x32)), count), axis_name)
   mean = total / count
   return Moments(mean, jnp.maximum(0.0, total_sq / count - jnp.square(mean)))
 
@@ -42,6 +39,11 @@ def normalize(x: jax.Array, stats: Moments, affine: Affine, *, epsilon: float,
   """``(x - mean) * rsqrt(var + eps) * scale + bias`` in ``nn.BatchNorm``'s order of ops."""
   mul = lax.rsqrt(stats.var + epsilon) * affine.scale
   return (((x - stats.mean) * mul) + affine.bias).astype(dtype)
+
+
+def whole_batch(sums: Any, axis_name: Any = None) -> Any:
+  """Sums over this device's rows -> the whole batch's (``psum`` over ``axis_name``, if any)."""
+  return sums if axis_name is None else lax.psum(sums, axis_name)
 
 
 def global_count(count, axis_name: Any = None):
@@ -62,9 +64,8 @@ def input_gradient_terms(a: jax.Array, rs: jax.Array, sum_d: jax.Array,
   are ``psum``-ed here, and only here, so every other sum a backward pass takes (its parameter
   gradients) stays this device's part.
   """
-  if axis_name is not None:
-    sum_d, sum_d_centered = lax.psum((sum_d, sum_d_centered), axis_name)
-    count = global_count(count, axis_name)
+  sum_d, sum_d_centered = whole_batch((sum_d, sum_d_centered), axis_name)
+  count = global_count(count, axis_name)
   dmean, dvar = (None, None) if dstats is None else dstats
   c0 = -a * sum_d / count + (0.0 if dmean is None else dmean / count)
   c1 = -a * rs * rs * sum_d_centered / count + (0.0 if dvar is None else 2.0 * dvar / count)

@@ -181,7 +181,7 @@ def forward(x: jax.Array, params: GateParams, stats: Optional[GateStats], cfg: C
   """
   p_down, p_up = params.down, params.up
   dtype = p_down.kernel.dtype
-  total = _total(cfg.axis_name)
+  total = functools.partial(batch_norm.whole_batch, axis_name=cfg.axis_name)
   count = batch_norm.global_count(x.size // x.shape[-1], cfg.axis_name)
   h = _project(x, p_down, norm)
   if stats is None:
@@ -468,13 +468,6 @@ def _lean_jvp(run, backward_fn, primals, tangents):
   return out, linear_map(tangent_map, cotangent_map, residuals, tuple(tangents))
 
 
-def _total(axis_name: Any):
-  """Sums of this device's rows -> the whole batch's (``psum`` over ``axis_name``, if any)."""
-  if axis_name is None:
-    return lambda tree: tree
-  return lambda tree: lax.psum(tree, axis_name)
-
-
 def _whole_batch_cotangents(ct: Any, x: jax.Array, axis_name: Any) -> Any:
   """Cotangents of the whole batch's statistics (``axis_name``) summed over the devices.
 
@@ -483,9 +476,9 @@ def _whole_batch_cotangents(ct: Any, x: jax.Array, axis_name: Any) -> Any:
   axes has summed them already, in the transpose of the cast JAX inserts where the invariant
   statistics meet a device's values; the input is then typed as varying.
   """
-  if axis_name is None or ct is None or types.varying_axes(x):
+  if ct is None or types.varying_axes(x):
     return ct
-  return lax.psum(ct, axis_name)
+  return batch_norm.whole_batch(ct, axis_name)
 
 
 def _input_mean(x, cfg: Config) -> Optional[jax.Array]:

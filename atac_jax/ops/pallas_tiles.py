@@ -139,9 +139,9 @@ class InputSums(NamedTuple):
   gate_dy_xc: jax.Array
   xc: jax.Array
 
-  @staticmethod
-  def shape(rows_c: int) -> tuple[int, int]:
-    return (4 * rows_c, 1)
+  @classmethod
+  def shape(cls, rows_c: int) -> tuple[int, int]:
+    return (len(cls._fields) * rows_c, 1)  # one stacked sum a field
 
   @classmethod
   def unpack(cls, packed: jax.Array, positions: int, c: int) -> "InputSums":
@@ -156,9 +156,9 @@ class BottleneckSums(NamedTuple):
   mask_hc: jax.Array
   hc: jax.Array
 
-  @staticmethod
-  def shape(rows_k: int) -> tuple[int, int]:
-    return (5 * rows_k, 1)
+  @classmethod
+  def shape(cls, rows_k: int) -> tuple[int, int]:
+    return (len(cls._fields) * rows_k, 1)  # one stacked sum a field
 
   @classmethod
   def unpack(cls, packed: jax.Array, positions: int, k: int) -> "BottleneckSums":

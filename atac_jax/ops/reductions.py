@@ -26,7 +26,8 @@ def _row_sum_sharding(a: jax.Array) -> Any:
   types ``a`` as split over explicit axes (explicit sharding asks where such a sum lies), else
   None (XLA decides)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(spec is not None for spec in jax.typeof(a).sharding.spec):
+  row_specs = tuple(jax.typeof(a).sharding.spec)[:a.ndim - 1]
+  if mesh.empty or all(spec is None for spec in row_specs):
     return None
   if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return None
