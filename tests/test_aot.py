@@ -1,5 +1,6 @@
-"""atac-bench compile: arguments, errors and the HLO byte accounting run everywhere; the compile
-test needs libtpu (the ``tpu-aot`` extra) and is skipped without it."""
+"""atac-bench compile: arguments, errors and the HLO byte accounting run everywhere; the TPU
+compile tests need libtpu (the ``tpu-aot`` extra), the GPU ones the CUDA plugin (the ``gpu-aot``
+extra: ``.venv-cuda/bin/python -m pytest tests/test_aot.py``), and are skipped without them."""
 
 import json
 import os
@@ -39,12 +40,23 @@ def test_topology_names(name, generation, shape):
   assert topology.chips == shape[0] * shape[1] * shape[2]
 
 
+@pytest.mark.parametrize("name, generation, shape", [
+    ("h100:8", "h100", (1, 1, 8)), ("a100:1", "a100", (1, 1, 1)), (" h200:2x8", "h200", (1, 2, 8)),
+    ("b200:4", "b200", (1, 1, 4))])
+def test_gpu_topology_names(name, generation, shape):
+  topology = aot.parse_topology(name)
+  assert (topology.generation, topology.shape, topology.platform) == (generation, shape, "gpu")
+  assert topology.name == name.strip() and topology.chips == shape[1] * shape[2]
+  assert aot.parse_topology("v5e:2x2").platform == "tpu"
+
+
 @pytest.mark.parametrize("name", ["v5e", "v3:2x2", "v5e-4", "v5litepod-4", "v5e:2", "tpu",
-                                  "v5e:0x2", "v6e:2x2x2x2", ""])
+                                  "v5e:0x2", "v6e:2x2x2x2", "", "h100", "h100:0", "h100:2x0",
+                                  "v100:8", "h100:1x2x4", "gpu:8", "H100:8", "h100-8", "v4:8"])
 def test_unknown_topology_lists_accepted_forms(name):
   with pytest.raises(ValueError) as error:
     aot.parse_topology(name)
-  for form in aot.TOPOLOGY_FORMS:
+  for form in aot.TOPOLOGY_FORMS + aot.GPU_TOPOLOGY_FORMS + aot.GPU_GENERATIONS:
     assert form in str(error.value)
 
 
@@ -56,6 +68,20 @@ def test_batch_must_split_over_the_chips():
     aot.check_batch(130, aot.parse_topology("v5e:2x2"))
   with pytest.raises(ValueError, match=r"8 chips.*e\.g\. 8\."):
     aot.check_batch(4, aot.parse_topology("v5p:2x2x2"))
+  aot.check_batch(1024, aot.parse_topology("h100:8"))
+  with pytest.raises(ValueError, match=r"of the 16 GPUs of h100:2x8 .*e\.g\. 1024 or 1040\."):
+    aot.check_batch(1030, aot.parse_topology("h100:2x8"))
+
+
+@pytest.mark.parametrize("generation, major, kind", [
+    ("a100", 8, "A100"), ("h100", 9, "H100"), ("h200", 9, "H200"), ("b200", 10, "B200")])
+def test_gpu_target_configs_are_package_data(generation, major, kind):
+  text = aot.gpu_target_config(generation)
+  assert f"cuda_compute_capability {{\n    major: {major}\n  }}" in text
+  assert 'platform_name: "CUDA"' in text and kind in text and "dnn_version_info {" in text
+  # Fields the XLA in jaxlib 0.10.2 cannot parse stay out (it rejects the whole description).
+  fields = [line.split(":")[0].strip() for line in text.splitlines() if not line.startswith("#")]
+  assert "collective_memory_granularity" not in fields
 
 
 def test_parser_shares_the_train_options():
@@ -80,12 +106,34 @@ def test_cli_argument_errors_exit_2(capsys):
   assert "-1" in _main_error(capsys, "--breakdown", "-1")
 
 
-def test_missing_libtpu_is_one_clear_line(capsys, monkeypatch):
-  monkeypatch.setattr(aot, "libtpu_version", lambda: None)
-  err = _main_error(capsys, "--model", "convnet_mnist", "--batch", "16", "--compare", "relu")
-  assert err.count("\n") == 1 and err.startswith("atac-bench: error: libtpu")
-  assert 'pip install -e ".[tpu-aot]"' in err
-  assert f'"jax[tpu]=={aot.jax_version()}"' in err
+@pytest.mark.parametrize("topology, version, compiler, extra, wheel", [
+    ("v5e:2x2", "libtpu_version", "libtpu", "tpu-aot", "tpu"),
+    ("h100:1", "cuda_plugin_version", "the CUDA plugin", "gpu-aot", "cuda12")])
+def test_missing_compiler_is_one_clear_line(capsys, monkeypatch, topology, version, compiler,
+                                            extra, wheel):
+  monkeypatch.setattr(aot, version, lambda: None)
+  err = _main_error(capsys, "--topology", topology, "--model", "convnet_mnist", "--batch", "16",
+                    "--compare", "relu")
+  assert err.count("\n") == 1 and err.startswith(f"atac-bench: error: {compiler}")
+  assert f'pip install -e ".[{extra}]"' in err
+  assert f'"jax[{wheel}]=={aot.jax_version()}"' in err
+
+
+def test_gpu_ratios_add_the_custom_calls_bytes():
+  def record(act, flops, accessed, peak, **calls):
+    return {"act": act, "topology": "h100:1", "model": "m", "act_options": {}, "batch": 8,
+            "dtype": "float32",
+            "cost_per_chip": {"flops": flops, "bytes_accessed": accessed, **calls},
+            "memory_per_chip": {"peak_memory_in_bytes": peak}}
+
+  ratio = aot.ratios(record("atac", 4.0, 300.0, 3, custom_call_bytes=100.0),
+                     record("relu", 2.0, 100.0, 2, custom_call_bytes=100.0))
+  assert (ratio["gflop_ratio"], ratio["bytes_accessed_ratio"], ratio["peak_memory_ratio"]) == (
+      2.0, 3.0, 1.5)
+  assert ratio["bytes_with_custom_calls_ratio"] == 2.0  # (300 + 100) / (100 + 100)
+  # A TPU record has no custom_call_bytes: no such ratio.
+  assert "bytes_with_custom_calls_ratio" not in aot.ratios(record("atac", 4.0, 300.0, 3),
+                                                           record("relu", 2.0, 100.0, 2))
 
 
 def test_array_bytes_pad_to_the_tpu_tiles():
@@ -144,13 +192,19 @@ def test_breakdown_charges_operands_and_outputs():
     aot.breakdown("HloModule m\n")
 
 
+def _resnet8_atac_relu(capsys, topology):
+  """``atac-bench compile`` of ResNet-8, batch 16, ATAC against ReLU, top 4 instructions:
+  (stderr, [record a, record b, ratios])."""
+  bench.main(["compile", "--topology", topology, "--model", "cifar_resnet8", "--act", "atac",
+              "--batch", "16", "--compare", "relu", "--breakdown", "4"])
+  captured = capsys.readouterr()
+  return captured.err, [json.loads(line) for line in captured.out.strip().splitlines()]
+
+
 def test_compile_tiny_model_on_v5e(capsys):
   """Compiles ResNet-8 for v5e:2x2 with libtpu (20-40 s of CPU per side)."""
   pytest.importorskip("libtpu")
-  bench.main(["compile", "--topology", "v5e:2x2", "--model", "cifar_resnet8", "--act", "atac",
-              "--batch", "16", "--compare", "relu", "--breakdown", "4"])
-  captured = capsys.readouterr()
-  a, b, ratio = (json.loads(line) for line in captured.out.strip().splitlines())
+  err, (a, b, ratio) = _resnet8_atac_relu(capsys, "v5e:2x2")
   for record, act in ((a, "atac"), (b, "relu")):
     assert record["side"] == ("a" if act == "atac" else "b") and record["act"] == act
     assert record["topology"] == "v5e:2x2" and record["chips"] == 4
@@ -174,7 +228,7 @@ def test_compile_tiny_model_on_v5e(capsys):
   assert ratio["peak_memory_ratio"] == pytest.approx(
       a["memory_per_chip"]["peak_memory_in_bytes"] / b["memory_per_chip"]["peak_memory_in_bytes"],
       rel=1e-3)
-  assert "instructions" in captured.err  # the readable table goes to stderr
+  assert "instructions" in err  # the readable table goes to stderr
 
 
 def test_compile_pallas_backward_on_v5e(capsys):
@@ -215,6 +269,57 @@ def test_compile_user_steps_take_the_kernels(capsys):
     assert not any(t["op"].startswith("all-gather") for t in record["breakdown"]["top"]), step
     assert record["bytes_accessed_gb_per_chip"] == pytest.approx(
         records["project"]["bytes_accessed_gb_per_chip"], rel=0.05), step
+
+
+@pytest.mark.parametrize("name, kind", [("a100:2", "NVIDIA A100"), ("h100:2x4", "NVIDIA H100"),
+                                        ("h200:1", "NVIDIA H200"), ("b200:1", "NVIDIA B200")])
+def test_gpu_topologies_have_one_device_per_gpu(name, kind):
+  """Every shipped device description parses (CUDA plugin only; a second each)."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  topology = aot.parse_topology(name)
+  devices = aot.topology_devices(topology)
+  assert len(devices) == topology.chips and devices[0].device_kind.startswith(kind)
+  if topology.shape[1] > 1:  # hosts
+    assert {d.process_index for d in devices} == set(range(topology.shape[1]))
+
+
+def test_compile_tiny_model_on_h100(capsys):
+  """Compiles ResNet-8 for one H100 (sm_90) with the CUDA plugin, ATAC against ReLU: the same
+  lines as on TPU, plus the custom calls' bytes (the cuDNN convolutions), which the compiler's
+  cost analysis leaves out (10-30 s of CPU per side)."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  err, (a, b, ratio) = _resnet8_atac_relu(capsys, "h100:1")
+  for record, act in ((a, "atac"), (b, "relu")):
+    assert record["act"] == act and record["topology"] == "h100:1" and record["chips"] == 1
+    assert record["device_kind"].startswith("NVIDIA H100")
+    assert record["cuda_plugin_version"] == aot.cuda_plugin_version()
+    assert "libtpu_version" not in record
+    for key in ("gflop_per_chip", "bytes_accessed_gb_per_chip", "custom_call_gb_per_chip",
+                "peak_memory_mib_per_chip"):
+      assert record[key] > 0, key
+    cost = record["cost_per_chip"]
+    assert record["bytes_with_custom_calls_gb_per_chip"] == pytest.approx(
+        (cost["bytes_accessed"] + cost["custom_call_bytes"]) / 1e9, abs=1e-4)
+    top = record["breakdown"]["top"]
+    assert len(top) == 4 and all(t["padding"] == 1.0 for t in top)  # GPU layouts are untiled
+    # The accounting reproduces the compiler's total once the custom calls are added to it
+    # (ReLU to 0.1%; ATAC's fusions read some operands twice or in part: ~4% over).
+    assert record["breakdown"]["coverage"] == pytest.approx(1.0, abs=0.06)
+    assert record["breakdown"]["by_op"]["custom-call"] == cost["custom_call_bytes"]
+  assert a["custom_call_gb_per_chip"] == b["custom_call_gb_per_chip"]  # the same convolutions
+  assert ratio["bytes_accessed_ratio"] > ratio["bytes_with_custom_calls_ratio"] > 1
+  assert "instructions" in err
+
+
+def test_compile_user_step_on_two_a100s(capsys):
+  """The user's own step, batch split over two A100s (sm_80), compiles (CUDA plugin only)."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  bench.main(["compile", "--topology", "a100:2", "--model", "cifar_resnet8", "--act", "atac",
+              "--batch", "16", "--step", "user"])
+  (record,) = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+  assert record["step"] == "user" and record["chips"] == 2 and record["batch_per_chip"] == 8
+  assert record["device_kind"].startswith("NVIDIA A100")
+  assert record["bytes_accessed_gb_per_chip"] > 0 and record["peak_memory_mib_per_chip"] > 0
 
 
 @pytest.mark.parametrize("n, hw, c", [(32, 32, 16), (32, 16, 32), (32, 8, 64), (128, 8, 64),

@@ -8,6 +8,7 @@
     atac-bench data --kind cifar --workers 0 2
     atac-bench step-with-input --model cifar_resnet20 --batch 128
     atac-bench compile --topology v5e:2x2 --model cifar_resnet20 --act atac --compare relu
+    atac-bench compile --topology h100:1 --model cifar_resnet20 --act atac --compare relu
     atac-bench kernels                                  # on a TPU: Pallas vs XLA backward
     atac-bench baseline --checkout /tmp/old             # this checkout's ATAC vs another's
 
@@ -18,8 +19,9 @@
 ``temp_size_in_bytes`` (scratch memory of one step, parameters and batch excluded) and the median
 step time. ``--compare OTHER`` builds both steps in one process and times them in alternating
 rounds (A, B, A, B, ...) so that drift and load from other processes hit both alike.
-``compile`` compiles the same step for a Cloud TPU topology with libtpu and reports XLA's
-per-chip cost there (no TPU needed; :mod:`atac_train.aot`). ``kernels`` checks the Pallas
+``compile`` compiles the same step for a Cloud TPU topology with libtpu, or for NVIDIA GPUs with
+the CUDA plugin, and reports XLA's per-chip (per-GPU) cost there (no TPU or GPU needed;
+:mod:`atac_train.aot`). ``kernels`` checks the Pallas
 backward against the XLA backward on this machine's device (:mod:`atac_train.kernel_check`).
 ``baseline`` times this checkout's unit against another checkout's in one process
 (:mod:`atac_train.baseline`).
@@ -381,10 +383,12 @@ def _parser() -> argparse.ArgumentParser:
   step.set_defaults(steps=20)
 
   comp = sub.add_parser("compile", help="per-chip FLOPs, bytes and peak memory of the step "
-                        "compiled for a Cloud TPU topology (libtpu; no TPU needed)")
+                        "compiled for a Cloud TPU topology (libtpu) or NVIDIA GPUs (the CUDA "
+                        "plugin); no TPU or GPU needed")
   model_args(comp, timed=False)
   comp.add_argument("--topology", default="v5e:2x2",
-                    help="GEN:AxB[xC], GEN in v4 v5e v5p v6e (default: %(default)s)")
+                    help="GEN:AxB[xC], GEN in v4 v5e v5p v6e; or GPU:N (one host) or GPU:HxN, "
+                    "GPU in a100 h100 h200 b200 (default: %(default)s)")
   comp.add_argument("--compare", default=None, metavar="ACT", help="also compile with ACT")
   comp.add_argument("--compare-act-option", action="append", metavar="KEY=JSON",
                     help="activation option of the --compare side (default: none)")
@@ -432,7 +436,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
   """Parses ``argv`` (default: ``sys.argv[1:]``) and prints one JSON line per measurement."""
   args = _parser().parse_args(argv)
-  if args.command == "compile":  # for a TPU, with libtpu: no CPU flags
+  if args.command == "compile":  # for a TPU or GPU, with its compiler: no CPU flags
     from atac_train import aot  # pylint: disable=g-import-not-at-top
     aot.main(args)
     return
