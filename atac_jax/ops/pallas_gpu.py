@@ -145,7 +145,7 @@ def supported(x: jax.Array, params: GateParams, *, inner_relu: bool,
   n = shards(parallel)
   if x.shape[0] % n:
     return f"batch {x.shape[0]} does not split into {n} shards"
-  rows = x.size // c // n
+  rows = math.prod(x.shape[:-1]) // n
   if geometry(rows, c, k) is None:
     return f"{rows} rows (batch x positions) a device are not a multiple of {MIN_CHANNELS}"
   return None
