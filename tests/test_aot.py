@@ -119,6 +119,12 @@ def test_missing_compiler_is_one_clear_line(capsys, monkeypatch, topology, versi
   assert f'"jax[{wheel}]=={aot.jax_version()}"' in err
 
 
+def test_gpu_cost_analysis_names_the_private_api_when_it_moves():
+  with pytest.raises(aot.CompilerMissingError,
+                     match=r"hlo_module_cost_analysis .*private.*AttributeError.*gpu-aot"):
+    aot.gpu_cost_analysis(object())  # no runtime_executable(): as if the API had moved
+
+
 def test_gpu_ratios_add_the_custom_calls_bytes():
   def record(act, flops, accessed, peak, **calls):
     return {"act": act, "topology": "h100:1", "model": "m", "act_options": {}, "batch": 8,

@@ -233,18 +233,19 @@ def topology_devices(topology: Topology) -> list[Any]:
 
 def gpu_cost_analysis(compiled) -> dict[str, float]:
   """XLA's HLO cost analysis of a GPU executable's optimised module, run through the CPU client
-  (``compiled.cost_analysis()`` is None without a local GPU). Private JAX API (jax 0.10.2);
-  RuntimeError naming it if it moved."""
+  (``compiled.cost_analysis()`` is None without a local GPU). A private JAX API of jax 0.10.2:
+  if it moved, :class:`CompilerMissingError` naming the install of the tested jax."""
   try:
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     module = compiled.runtime_executable().hlo_modules()[0]
     return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
   except (ImportError, AttributeError, TypeError) as error:
-    raise RuntimeError(
-        "the GPU cost analysis needs jax._src.lib._jax.hlo_module_cost_analysis and "
-        f"compiled.runtime_executable().hlo_modules() (jax 0.10.2), not found in jax "
-        f"{jax_version()}: {error}") from error
+    raise CompilerMissingError(
+        "the GPU cost analysis uses jax._src.lib._jax.hlo_module_cost_analysis on "
+        "compiled.runtime_executable().hlo_modules() (private; jax 0.10.2), which failed in jax "
+        f"{jax_version()} ({type(error).__name__}: {error}); {GPU_EXTRA_INSTALL} installs the "
+        "tested jax.") from error
 
 
 STEPS = ("project", "user", "shard_map")
