@@ -54,6 +54,12 @@ Augment = Callable[[ImageLike, np.random.Generator], Example]
 Preprocess = Callable[[ImageLike], np.ndarray]
 
 
+def set_worker_threads() -> None:
+  """One OpenCV thread in this process (a data worker: parallelism comes from the workers)."""
+  if _cv2 is not None:
+    _cv2.setNumThreads(1)
+
+
 def pad_crop(image: np.ndarray, rng: np.random.Generator, *, pad: int) -> np.ndarray:
   """Zero-pads ``pad`` pixels on each side and takes a random crop of the original size."""
   h, w = image.shape[:2]

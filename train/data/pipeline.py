@@ -27,6 +27,7 @@ import numpy as np
 
 from atac_train.data import augment as augment_lib
 from atac_train.data import config as config_lib
+from atac_train.data import shared_batches
 from atac_train.data import sources
 
 Batch = dict[str, np.ndarray]
@@ -49,6 +50,19 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs in each grain worker before it unpickles the dataset.
+
+  Batches are stacked into reused shared-memory slots (`shared_batches`: no new segment, and no
+  copy, per batch), and OpenCV runs one thread: the workers already split the batches between the
+  cores, and OpenCV's own pool (one thread per core by default) would oversubscribe them, e.g.
+  2 workers x 2 prefetch threads x 2 OpenCV threads on 2 cores.
+  """
+  del worker_index, worker_count
+  shared_batches.enable_in_worker()
+  augment_lib.set_worker_threads()
+
+
 def _to_iter(ds: grain.MapDataset, *, num_workers: int, prefetch_buffer: int) -> grain.IterDataset:
   """Iterates ``ds`` with ``prefetch_buffer`` batches in flight, each made by its own thread.
 
@@ -60,15 +74,18 @@ def _to_iter(ds: grain.MapDataset, *, num_workers: int, prefetch_buffer: int) ->
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
+        num_workers=num_workers, per_worker_buffer_size=prefetch_buffer),
+        worker_init_fn=_init_worker)
   return it_ds
 
 
-def _stack_examples(examples: Sequence[dict[str, Any]]) -> Batch:
-  """Stacks augmented examples into ``{'image': uint8, 'label': int32[, 'augment': float32]}``."""
-  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key != "label"}
-  batch["label"] = np.array([e["label"] for e in examples], np.int32)
-  return batch
+def _stack_examples(examples: Sequence[dict[str, Any]]) -> Batch | shared_batches.SlotBatch:
+  """Stacks augmented examples into ``{'image': uint8, 'label': int32[, 'augment': float32]}``
+  (in a worker, into a shared-memory slot that the main process receives as that dict)."""
+  columns: dict[str, Any] = {key: [e[key] for e in examples]
+                             for key in examples[0] if key != "label"}
+  columns["label"] = np.array([e["label"] for e in examples], np.int32)
+  return shared_batches.stack(columns)
 
 
 def build_train_iterator(source: Sequence[dict[str, Any]], *, augment: augment_lib.Augment,
@@ -136,12 +153,12 @@ class _EvalBatch:
   def __init__(self, preprocess: augment_lib.Preprocess, image_shape: tuple[int, int, int]):
     self.preprocess, self.image_shape = preprocess, image_shape
 
-  def __call__(self, rows: Sequence[tuple[Any, bool]]) -> Batch:
+  def __call__(self, rows: Sequence[tuple[Any, bool]]) -> Batch | shared_batches.SlotBatch:
     blank = np.zeros(self.image_shape, np.uint8)
-    images = np.stack([self.preprocess(r["image"]) if m else blank for r, m in rows])
-    mask = np.array([m for _, m in rows], bool)
-    labels = np.array([r["label"] if m else 0 for r, m in rows], np.int32)
-    return {"image": images, "label": labels, "mask": mask}
+    return shared_batches.stack({
+        "image": [self.preprocess(r["image"]) if m else blank for r, m in rows],
+        "label": np.array([r["label"] if m else 0 for r, m in rows], np.int32),
+        "mask": np.array([m for _, m in rows], bool)})
 
 
 def build_eval_iterable(source: Sequence[dict[str, Any]], *, preprocess: augment_lib.Preprocess,
