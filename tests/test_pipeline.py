@@ -173,8 +173,14 @@ def test_input_benchmark_runs(kind, shape, extra):
   assert result["images_per_second"] > 0 and tuple(result["image_shape"]) == shape
   # uint8 pixels, an int32 label and (with device augmentation) 10 float32 draws per image.
   assert result["bytes_per_image"] == np.prod(shape) + extra
+  assert result["main_cpu_ms_per_batch"] > 0 and not result["to_device"]
   with pytest.raises(ValueError, match=r"accepted: \['cifar', 'imagenet', 'alexnet'\]"):
     benchmark.benchmark_input("coco")
+
+
+def test_input_benchmark_through_the_trainers_device_step():
+  result = benchmark.benchmark_input("cifar", num_batches=2, batch_size=4, to_device=True)
+  assert result["to_device"] and result["images_per_second"] > 0
 
 
 def test_imagenet_global_batch_is_the_same_whatever_the_process_count():

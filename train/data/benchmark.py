@@ -9,6 +9,13 @@ draws of jitter 0.2 and rotation +-20 degrees.
 The host delivers uint8 batches: the colour ops, rotation and normalisation run in the jitted
 step (`atac_train.data.device`), so they are not part of this figure; ``bytes_per_image`` is
 what each image costs the host-to-device transfer.
+
+The iterator is `pipeline.build_train_iterator`, which the trainer's
+`atac_train.data.create_train_iterator` builds too (with its source, ``num_workers`` and
+``prefetch_buffer`` from the config); with ``to_device`` each batch then goes through the
+trainer's own ``atac_train.parallel.global_batch`` onto this process's first device, as
+``_train_loop`` does before each step. ``main_cpu_ms_per_batch`` is the CPU time of the whole main
+process (every thread) per timed batch: what it takes from the cores the workers run on.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ class _CycledSource(sources.ImageSource):
 
 def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: int = 50,
                     batch_size: int = 128, seed: int = 0,
-                    prefetch_buffer: int = 2) -> dict[str, Any]:
+                    prefetch_buffer: int = 2, to_device: bool = False) -> dict[str, Any]:
   """Measures images/s of the train input pipeline on synthetic data.
 
   The first ``num_workers + 1`` batches (until every worker has delivered one) are timed
@@ -59,10 +66,12 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
     batch_size: images per batch.
     seed: data and augmentation seed.
     prefetch_buffer: batches prepared ahead (per worker).
+    to_device: also put each batch on the first device with the trainer's
+      ``parallel.global_batch`` (and wait for it), inside the timed loop.
 
   Returns:
     A JSON-able dict with ``images_per_second``, ``seconds``, ``startup_seconds``,
-    ``bytes_per_image`` (of the delivered batch) and the settings.
+    ``main_cpu_ms_per_batch``, ``bytes_per_image`` (of the delivered batch) and the settings.
   """
   if kind not in _KINDS:
     raise ValueError(f"Unknown input benchmark {kind!r}; accepted: {list(_KINDS)}.")
@@ -78,6 +87,7 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
     source = _CycledSource([{"image": j, "label": i % 1000} for i, j in enumerate(jpegs)],
                            length=100_000, num_classes=1000)
     size = 224 if kind == "imagenet" else 128
+  consume = _to_device() if to_device else (lambda batch: batch)
   it = pipeline.build_train_iterator(
       source, augment=augment_lib.train_augment(kind, size=size, channels=3),
       global_batch_size=batch_size, seed=seed, num_workers=num_workers,
@@ -85,19 +95,31 @@ def benchmark_input(kind: str = "cifar", *, num_workers: int = 0, num_batches: i
   start = time.perf_counter()
   for _ in range(num_workers + 1):
     batch = next(it)
+    consume(batch)
   startup = time.perf_counter() - start
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(num_batches):
     batch = next(it)
-  seconds = time.perf_counter() - start
+    consume(batch)
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
   shape = tuple(batch["image"].shape[1:])
   bytes_per_image = sum(v.nbytes for v in batch.values()) / batch_size
   del it, batch
   gc.collect()  # Stops the worker processes before the next measurement.
   return {"kind": kind, "num_workers": num_workers, "batch_size": batch_size,
           "num_batches": num_batches, "prefetch_buffer": prefetch_buffer, "image_shape": shape,
+          "to_device": to_device,
           "images_per_second": num_batches * batch_size / seconds, "seconds": seconds,
-          "startup_seconds": startup, "bytes_per_image": bytes_per_image, **extra}
+          "startup_seconds": startup, "main_cpu_ms_per_batch": cpu / num_batches * 1e3,
+          "bytes_per_image": bytes_per_image, **extra}
+
+
+def _to_device():
+  """The trainer's host-to-device step for one device: ``parallel.global_batch``, waited for."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from atac_train import parallel  # pylint: disable=g-import-not-at-top
+  sharding = parallel.data_sharded(parallel.create_mesh(jax.local_devices()[:1]))
+  return lambda batch: jax.block_until_ready(parallel.global_batch(batch, sharding))
 
 
 def profile_imagenet(*, num_images: int = 512, batch_size: int = 128, seed: int = 0,
@@ -187,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--prefetch-buffer", type=int, default=2)
+  parser.add_argument("--to-device", action="store_true",
+                      help="also put each batch on the first device as the trainer does "
+                           "(atac_train.parallel.global_batch)")
   parser.add_argument("--profile", action="store_true",
                       help="time each stage of the 'imagenet' recipe instead (profile_imagenet)")
   parser.add_argument("--resize", choices=("opencv", "pil"), nargs="+", default=["opencv"],
@@ -201,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     for workers in args.num_workers:
       print(json.dumps(benchmark_input(
           kind, num_workers=workers, num_batches=args.num_batches, batch_size=args.batch_size,
-          seed=args.seed, prefetch_buffer=args.prefetch_buffer)), flush=True)
+          seed=args.seed, prefetch_buffer=args.prefetch_buffer, to_device=args.to_device)),
+          flush=True)
 
 
 if __name__ == "__main__":
