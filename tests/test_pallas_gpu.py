@@ -199,6 +199,44 @@ def test_float64_matches_lean_backward_and_finite_differences(fused, small_tiles
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gate", "norm_gate"])
+def test_bfloat16_io_is_no_less_accurate_than_the_xla_backward(fused):
+  """bfloat16 ``x``, ``dy`` and parameters: the kernels read and write bfloat16 and compute in
+  float32, so their gradients are at least as close to the float32 backward's (on the same
+  rounded values) as the XLA backward's in bfloat16."""
+  shape, c, k = (16, 2, 4, 32), 32, 8
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  x = (jax.random.normal(jax.random.PRNGKey(0), shape) + 0.3).astype(bf16)
+  dy = jax.random.normal(jax.random.PRNGKey(1), shape).astype(bf16)
+  params = _params(jax.random.PRNGKey(2), c, k, bias=True)
+  params = params._replace(down=jax.tree.map(lambda a: a.astype(bf16), params.down),
+                           up=jax.tree.map(lambda a: a.astype(bf16), params.up))
+  affine = _affine(jax.random.PRNGKey(3), c)
+
+  def grads(fn, dtype, **kwargs):
+    xx, pp = x.astype(dtype), jax.tree.map(lambda a: a.astype(dtype) if a.dtype == bf16 else a,
+                                           params)
+    norm, with_norm = None, {}
+    if fused:
+      norm = lean.InputNorm(batch_norm.moments(xx), affine, NORM_EPS, dtype, dtype == f32)
+      with_norm = {"norm": norm, "norm_dstats": None}
+    cfg = lean.Config(EPS, True)
+    _, stats, gram = lean.forward(xx, pp, None, cfg, norm=norm)
+    if fn is lean.backward:
+      fn = functools.partial(fn, cfg=cfg, batch_stats=True)
+    return _jit_backward(fn, xx, pp, stats, gram, dy.astype(dtype), None, **with_norm, **kwargs)
+
+  def error(got, want):
+    return max(float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32))))
+               / max(float(np.max(np.abs(np.asarray(w, np.float32)))), 1.0)
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+
+  want = grads(lean.backward, f32)
+  got = grads(pallas_gpu.backward, bf16, epsilon=EPS, interpret=True)
+  assert got[0].dtype == bf16 and got[1].down.kernel.dtype == bf16
+  assert error(got, want) <= min(error(grads(lean.backward, bf16), want), 1e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gate", "norm_gate"])
 def test_axis_name_under_shard_map_matches_the_reference(fused):
   """``axis_name`` inside ``shard_map`` on 4 devices: the kernels sum this device's rows, the
   BatchNorms' constants take the whole batch's; gradients (the input's, the parameters'
@@ -263,7 +301,9 @@ def test_supported_reasons():
   ok = jnp.zeros((8, 2, 4, 16))
   assert pallas_gpu.supported(ok, params, inner_relu=True) is None
   assert "rank" in pallas_gpu.supported(jnp.zeros((64, 16)), params, inner_relu=True)
-  assert "float32" in pallas_gpu.supported(ok.astype(jnp.bfloat16), params, inner_relu=True)
+  assert pallas_gpu.supported(ok.astype(jnp.bfloat16), params, inner_relu=True) is None
+  assert "float32 or bfloat16" in pallas_gpu.supported(ok.astype(jnp.float16), params,
+                                                       inner_relu=True)
   assert "inner_relu" in pallas_gpu.supported(ok, params, inner_relu=False)
   odd = _shapes(24, 6)
   reason = pallas_gpu.supported(jnp.zeros((8, 2, 4, 24)), odd, inner_relu=True)
@@ -290,8 +330,8 @@ def test_supported_reasons():
                                      ((256, 7, 7, 2048), 128)])
 def test_geometry_of_the_resnet_stages(shape, k):
   """ResNet-20's and ResNet-50's units: tiles within TILE_ELEMENTS, Triton's shapes (powers of
-  two >= 16), every row covered once, and at least MIN_PROGRAMS programs or partial sums
-  within 1/16 of the input read."""
+  two >= 16), every row covered once, and at least MIN_PROGRAMS programs or ROWS_PER_PARTIAL
+  K rows a program."""
   rows, c = np.prod(shape[:-1]), shape[-1]
   g = pallas_gpu.geometry(rows, c, k)
   for n in (g.bottleneck, g.row_block, g.chunk):
@@ -302,6 +342,8 @@ def test_geometry_of_the_resnet_stages(shape, k):
   rows_a_program = g.steps * g.row_block
   assert (g.programs >= pallas_gpu.MIN_PROGRAMS
           or rows_a_program >= pallas_gpu.ROWS_PER_PARTIAL * g.bottleneck)
+  if rows_a_program > g.row_block:  # no more row blocks a program than the partials ask for
+    assert (g.steps - 1) * g.row_block < pallas_gpu.ROWS_PER_PARTIAL * g.bottleneck
 
 
 @pytest.mark.parametrize("shape,k,fused,tiles", [((8, 4, 4, 64), 4, True, True),

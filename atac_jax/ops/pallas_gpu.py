@@ -1,9 +1,11 @@
 """The lean gate's training backward pass as three Pallas kernels for NVIDIA GPUs (Triton).
 
 Same values and contract as :func:`atac_jax.ops.pallas_backward.backward` (the TPU kernels) and
-:func:`atac_jax.ops.lean.backward` with batch statistics: float32, ``inner_relu``, rank >= 3.
-Checked in Pallas' interpreter on the CPU against both and against plain autodiff of the
-reference op (``tests/test_pallas_gpu.py``); the same tests lower the kernels to Triton IR.
+:func:`atac_jax.ops.lean.backward` with batch statistics: ``inner_relu``, rank >= 3, float32 or
+bfloat16 input (read and written in its dtype, computed in float32). Checked in Pallas'
+interpreter on the CPU against both and against plain autodiff of the reference op
+(``tests/test_pallas_gpu.py``); the same tests lower the kernels to Triton IR, and they compile
+deviceless for sm_80 and sm_90 with the CUDA plugin.
 
 Why three passes, not the TPU's two. The programs of a GPU grid run in parallel, so nothing is
 accumulated across them: each program owns a slot of every summed output and writes its
@@ -33,7 +35,9 @@ tile in registers is at most ``row_block x max(chunk, K)`` (8192 floats) for eve
 ResNet-50's 2048. A program's partial sums stay in its output slot across its row blocks
 (read, add, write; a barrier between blocks, since Triton may map an element to different
 threads in the load and the store); the number of programs trades the partials' bytes
-(``K/rows`` of the input per pass) against filling the GPU (:func:`geometry`).
+(``3 K C`` floats a program, written and read back, against ``7 C`` a row for the passes) against
+filling the GPU (:func:`geometry`). No software pipelining (``NUM_STAGES = 1``): two stages need
+more shared memory than an A100 has at ``C >= 1024``.
 
 Triton constraints: tensor sizes are powers of two and a matrix product's operands at least
 16 in each dimension. ``C`` must be a power of two >= 16; the bottleneck ``K`` is padded to a
@@ -46,7 +50,8 @@ the float32 products of the XLA backward on the same GPU (the kernels are then m
 IEEE float32 products would make the late ResNet-50 stages compute-bound on the CUDA cores).
 In the interpreter on the CPU every precision is exact float32 (or float64 under x64: the
 kernels compute in float64 for a float64 input, which the tests use; ``supported`` admits
-float32 only).
+float32 and bfloat16 only). A bfloat16 input's gradients are the float32 computation rounded
+once, closer to the float32 backward's than the XLA backward's in bfloat16.
 """
 
 from __future__ import annotations
@@ -74,10 +79,10 @@ MIN_CHANNELS = 16  # Triton's matrix products take operands >= 16 in each dimens
 MAX_BOTTLENECK = 512  # padded K: a (16, K) tile of the bottleneck stays within TILE_ELEMENTS
 TILE_ELEMENTS = 8192  # the most elements of a tile a program holds (row_block x chunk or K)
 MAX_ROW_BLOCK = 256
-MIN_PROGRAMS = 128  # about one program per SM (A100: 108, H100: 132): spread wider than this
-ROWS_PER_PARTIAL = 16  # a program aims at >= 16 K rows: partials <= 1/16 of its input reads
+ROWS_PER_PARTIAL = 4  # a program takes >= 4 K rows: its partial sums <= ~1/5 of the traffic
+MIN_PROGRAMS = 32  # but no more rows than leave this many programs, where the rows allow
 NUM_WARPS = 8
-NUM_STAGES = 2
+NUM_STAGES = 1  # software pipelining of the chunk loops: 2 exceeds an A100's shared memory at C >= 1024
 
 _ELEMENTWISE_FLOPS = 12  # per element of a (rows, C) tile: the gate's element-wise ops
 
@@ -111,9 +116,12 @@ def geometry(rows: int, channels: int, bottleneck: int) -> Optional[Geometry]:
   ``bottleneck`` (unpadded), or None where the rows admit no row block (not a multiple of 16).
 
   The row block is the largest power of two dividing ``rows`` with ``row_block x K`` within
-  :data:`TILE_ELEMENTS`; a program takes ``steps`` row blocks, enough for ``ROWS_PER_PARTIAL
-  K`` rows (its partial sums then cost at most 1/16 of its reads), fewer where that would
-  leave under :data:`MIN_PROGRAMS` programs.
+  :data:`TILE_ELEMENTS`. A program's partial sums are ``3 K C`` floats (the three products)
+  written and read back once, against ``7 C`` a row for the passes' own traffic (``x`` and
+  ``dy`` three times, ``dx``): a program takes ``steps`` row blocks, the fewest that make at
+  least :data:`ROWS_PER_PARTIAL` ``K`` rows (the partials then add at most ~20%), but no more
+  than leave :data:`MIN_PROGRAMS` programs where the rows allow (the late ResNet-50 stages,
+  ``C = 2048, K = 128`` on 12544 rows: 49 programs of 256 rows).
   """
   kp = _pow2_at_least(bottleneck, MIN_CHANNELS)
   row_block = min(_pow2_factor(rows), MAX_ROW_BLOCK, max(MIN_CHANNELS, TILE_ELEMENTS // kp))
@@ -121,8 +129,11 @@ def geometry(rows: int, channels: int, bottleneck: int) -> Optional[Geometry]:
     return None
   chunk = min(channels, max(MIN_CHANNELS, TILE_ELEMENTS // row_block))
   blocks = rows // row_block
-  want = max(1, min(-(-ROWS_PER_PARTIAL * kp // row_block), blocks // MIN_PROGRAMS))
-  steps = max(d for d in range(1, want + 1) if blocks % d == 0)
+  divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+  steps = next((d for d in divisors if d * row_block >= ROWS_PER_PARTIAL * kp), blocks)
+  spread = [d for d in divisors if blocks // d >= MIN_PROGRAMS]
+  if spread:
+    steps = min(steps, spread[-1])
   return Geometry(rows, channels, kp, row_block, chunk, steps, blocks // steps)
 
 
@@ -133,8 +144,10 @@ def supported(x: jax.Array, params: GateParams, *, inner_relu: bool,
   k = params.down.kernel.shape[-1]
   if x.ndim < 3:
     return f"input of rank {x.ndim}; the kernels take rank >= 3 (batch, spatial..., channels)"
-  if x.dtype != jnp.float32 or params.down.kernel.dtype != jnp.float32:
-    return f"dtype {x.dtype}; the GPU kernels are float32 only"
+  io = (jnp.float32, jnp.bfloat16)
+  if x.dtype not in io or params.down.kernel.dtype not in io:
+    return (f"dtype {x.dtype} (kernel {params.down.kernel.dtype}); the GPU kernels take float32 "
+            "or bfloat16")
   if not inner_relu:
     return "inner_relu=False"
   if c < MIN_CHANNELS or c & (c - 1):
@@ -203,11 +216,16 @@ class _Block:
 
   def __init__(self, g: Geometry, refs: _Refs, row0):
     self.g, self.refs = g, refs
+    self.dtype = refs.w_down.dtype  # computed in float32 (float64: tests) whatever x's dtype
     self.rows = pl.ds(row0, g.row_block)
     self._gate = None  # with one chunk, the gate once for every sweep
 
   def input_consts(self, name: str, cols):
     return _row(self.refs.input_consts, InputConsts._fields.index(name), cols)
+
+  def load(self, ref, cols):
+    """A chunk of ``x`` or ``dy`` in the compute dtype."""
+    return ref[self.rows, cols].astype(self.dtype)
 
   def cols(self, j):
     return pl.ds(_start(j, self.g.chunk), self.g.chunk)
@@ -219,9 +237,9 @@ class _Block:
 
     def chunk(j, hc):
       cols = self.cols(j)
-      return hc + _dot(r.x[self.rows, cols], r.w_down[cols, :])
+      return hc + _dot(self.load(r.x, cols), r.w_down[cols, :])
 
-    hc = _loop(g.chunks, chunk, jnp.zeros((g.row_block, g.bottleneck), r.x.dtype))
+    hc = _loop(g.chunks, chunk, jnp.zeros((g.row_block, g.bottleneck), self.dtype))
     field = BottleneckConsts._fields.index
     hc = hc + _row(r.bottleneck_consts, field("h_offset"))
     pre = (_row(r.bottleneck_consts, field("down_scale")) * hc
@@ -235,7 +253,7 @@ class _Block:
       return self._gate
     r, cols = self.refs, self.cols(j)
     const = functools.partial(self.input_consts, cols=cols)
-    x, dy = r.x[self.rows, cols], r.dy[self.rows, cols]
+    x, dy = self.load(r.x, cols), self.load(r.dy, cols)
     z = const("up_scale") * (_dot(a, r.w_up[:, cols]) + const("up_shift")) + const("up_bias")
     sig = 1.0 / (1.0 + jnp.exp(-z))
     gate_dy = dy * sig
@@ -250,7 +268,7 @@ class _Block:
     if self._gate is not None:
       return self._gate[0]
     cols = self.cols(j)
-    return self.refs.x[self.rows, cols] - self.input_consts("norm_mean", cols)
+    return self.load(self.refs.x, cols) - self.input_consts("norm_mean", cols)
 
   def da(self, a, m_mat, da_offset):
     """``da = mask (dz (Wu diag(up_scale))^T + a M + r)``, ``(rows, Kp)``."""
@@ -372,13 +390,13 @@ def _slot(shape):
   return pl.BlockSpec((pl.squeezed, *shape), lambda p: (p,) + (0,) * len(shape))
 
 
-def _pallas(kernel, rows, consts, *, g: Geometry, partials, interpret: bool, flops: int,
+def _pallas(kernel, rows, consts, *, g: Geometry, partials, dtype, interpret: bool, flops: int,
             transcendentals: int):
   """One pallas_call over ``g.programs`` programs: ``rows`` (x, dy) and ``consts`` whole;
-  ``partials``: the shapes of the per-program outputs (one slot each), or None for ``dx``."""
-  dtype = rows[0].dtype
+  ``partials``: the shapes of the per-program outputs (one slot each, ``dtype``, the compute
+  dtype), or None for ``dx`` (``x``'s dtype)."""
   if partials is None:
-    outs = [jax.ShapeDtypeStruct(rows[0].shape, dtype)]
+    outs = [jax.ShapeDtypeStruct(rows[0].shape, rows[0].dtype)]
     out_specs = [_whole(rows[0].shape)]
   else:
     outs = [jax.ShapeDtypeStruct((g.programs, *s), dtype) for s in partials]
@@ -473,9 +491,10 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
                             f.norm_scale, f.norm_shift, f.norm_mean)),  # (6, C)
       _pad(jnp.stack(BottleneckConsts(f.h_bias - stats.down.mean, f.down_scale,
                                       params.norm_down.bias.astype(dtype))), (3, kp)))
-  x_rows, dy_rows = x.reshape(-1, c).astype(dtype), dy.reshape(-1, c).astype(dtype)
-  rows = (x_rows, dy_rows)
-  call = functools.partial(_call, rows=rows, g=g, parallel=parallel, interpret=interpret)
+  io = x.dtype if x.dtype == jnp.bfloat16 else dtype  # x and dy read (dx written) as given
+  rows = (x.reshape(-1, c).astype(io), dy.reshape(-1, c).astype(io))
+  call = functools.partial(_call, rows=rows, g=g, parallel=parallel, dtype=dtype,
+                           interpret=interpret)
   mm = 2 * rows_dev * c * kp  # the FLOPs of one (rows, C) x (C, Kp) product over the rows
   elementwise = _ELEMENTWISE_FLOPS * rows_dev * c
   sig = rows_dev * c  # one exp per element a gate evaluation
