@@ -162,3 +162,81 @@ def test_lean_op_in_a_shard_map_that_checks_varying_axes_matches_the_reference(m
   assert "check_vma" in chosen[0].reason
   want = _per_shard(mesh, "reference", check_vma=True)(x, params, affine, weights)
   _close(got, want)
+
+
+def _one_device_step():
+  """A user's own jitted gradient step of a BatchNorm -> ATAC pair, 'auto' kernels (as the
+  modules' default), with its operands on one device."""
+  x, params, affine, weights = _operands()
+  auto = ops.Request.from_module(memory_lean=True, backward_kernel="auto")
+  step = jax.jit(jax.grad(functools.partial(_loss, auto), argnums=(0, 1)))
+  return step, (x, params, affine, weights)
+
+
+def test_choice_is_resolved_for_every_platform(monkeypatch):
+  """One call's choice holds each platform's row; the trace platform's is the choice itself;
+  a lowering_platform block resolves its platform only."""
+  x, params, _, _ = _operands()
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  auto = ops.Request.from_module(memory_lean=True, backward_kernel="auto")
+  choice = ops.choose(auto, train=True, x=x, params=params)
+  assert [c.platform for c in choice.by_platform] == list(ops.policy.PLATFORMS)
+  assert {c.platform: c.backward for c in choice.by_platform} == {
+      "cpu": ops.Backward.XLA, "gpu": ops.Backward.XLA, "tpu": ops.Backward.PALLAS}
+  assert choice.on("tpu").reason.startswith("13:") and choice.on("cpu").reason.startswith("9:")
+  assert choice.on("cpu").tie == "scalar" and choice.on("tpu").tie == "barrier"
+  assert choice.backward is choice.on(jax.default_backend()).backward is ops.Backward.XLA
+  with ops.policy.lowering_platform("tpu"):
+    forced = ops.choose(auto, train=True, x=x, params=params)
+    assert forced.here().backward is ops.Backward.PALLAS
+  assert [c.platform for c in forced.by_platform] == ["tpu"]
+  assert forced.on("cpu") is forced  # not resolved: the override's row everywhere
+
+
+def test_multi_platform_export_carries_each_platform_backward(monkeypatch):
+  """``jax.export`` for ('cpu', 'tpu') with no declaration: the TPU lowering holds the two
+  Pallas kernels (Mosaic custom calls), the CPU lowering the XLA backward; the exported step
+  runs on the CPU with the whole-batch XLA backward's gradients. Exported for the CPU alone,
+  or under ``lowering_platform('cpu')``, no kernel appears."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  step, args = _one_device_step()
+  both = jax.export.export(step, platforms=("cpu", "tpu"))(*args)
+  text = both.mlir_module()
+  assert both.platforms == ("cpu", "tpu")
+  assert text.count("tpu_custom_call") == 2  # the sums and dx kernels, once each
+  assert "stablehlo.case" in text  # the per-platform branches
+  want = jax.grad(functools.partial(_loss, "lean"), argnums=(0, 1))(*args)
+  _close(both.call(*args), want)
+  assert "tpu_custom_call" not in jax.export.export(step, platforms=("cpu",))(*args).mlir_module()
+  # The override wins over the lowering platform (a fresh jit: JAX's caches do not know it).
+  with ops.policy.lowering_platform("cpu"):
+    text = jax.export.export(_one_device_step()[0], platforms=("cpu", "tpu"))(*args).mlir_module()
+  assert "tpu_custom_call" not in text
+
+
+def test_tpu_lowering_from_the_cpu_host_takes_the_kernels(monkeypatch):
+  """An AOT lowering for TPU from this CPU host (``jax.jit(...).trace(...).lower(
+  lowering_platforms=('tpu',))``, as a compile for a TPU topology does) takes the kernels
+  without ``lowering_platform``."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  step, args = _one_device_step()
+  traced = step.trace(*args)
+  tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
+  cpu = traced.lower().as_text()
+  assert tpu.count("tpu_custom_call") == 2 and "tpu_custom_call" not in cpu
+
+
+def test_trace_time_choices_follow_the_mesh_context_devices():
+  """The forward pass's choices (traced with the program) follow the devices of JAX's mesh
+  context, e.g. a Cloud TPU topology's mesh on this CPU host; lowering_platform overrides."""
+  from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
+  tpu = jax.sharding.AbstractMesh(
+      (4,), ("data",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=None,
+                                                      platform="tpu"))
+  assert ops.policy.platform() == "cpu"
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert ops.policy.platform() == "tpu" and ops.policy.choice("contraction") == "conv"
+    with ops.policy.lowering_platform("gpu"):
+      assert ops.policy.platform() == "gpu"
+  with jax.set_mesh(_mesh(("data", 2))):
+    assert ops.policy.platform() == "cpu"

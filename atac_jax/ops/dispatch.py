@@ -2,7 +2,10 @@
 
 Every caller (:func:`atac_jax.ops.gate`, :func:`atac_jax.ops.norm_gate`, the linen and NNX
 units) states a :class:`Request` and gets one typed :class:`Choice`, resolved once per call when
-the op is traced. Inputs: the request (the module's ``memory_lean``/``backward_kernel``, or the
+the op is traced, for every platform: the lean op's backward pass is traced when the program is
+lowered and takes the platform's row then (:meth:`Choice.here`), so an AOT compile or a
+multi-platform ``jax.export`` gets each platform's backward (the TPU kernels only in the TPU
+lowering). Inputs: the request (the module's ``memory_lean``/``backward_kernel``, or the
 ops' ``impl``), training or inference, ``axis_name``, the input's shape and dtype, the platform
 lowered for (:func:`atac_jax.ops.policy.platform`; override :func:`~atac_jax.ops.policy.
 lowering_platform`) and where the batch lies (:func:`where_batch_lies`; override
@@ -178,12 +181,26 @@ def where_batch_lies(x: Optional[jax.Array] = None) -> BatchSplit:
 
 
 class Choice(NamedTuple):
-  """The resolved backward of one call (hashable: part of the lean op's static config)."""
+  """The resolved backward of one call (hashable: part of the lean op's static config).
+
+  ``by_platform``: the choice for each platform (``policy.PLATFORMS``), resolved with it: the
+  lean op's backward pass is traced when the program is lowered, and takes the entry of the
+  platform it is lowered for (:meth:`here`).
+  """
   backward: Backward
   reason: str  # the table row that decided
   platform: str  # lowered for
   split: BatchSplit
   tie: str  # the lean op's tie mode (lean._tie)
+  by_platform: tuple["Choice", ...] = ()
+
+  def on(self, platform: str) -> "Choice":
+    """The choice for ``platform`` ('cpu', 'gpu', 'tpu'); itself where it was not resolved."""
+    return next((c for c in self.by_platform if c.platform == platform), self)
+
+  def here(self) -> "Choice":
+    """The choice for the platform being lowered for now (:func:`policy.platform`)."""
+    return self.on(policy.platform())
 
   @property
   def kernels(self) -> bool:
@@ -220,7 +237,20 @@ def choose(request: Request, *, train: bool, axis_name: Any = None,
     raise ValueError(f"Unknown gate op {request.op!r}; accepted: {list(OPS)}.")
   if request.kernel not in KERNELS:
     raise ValueError(f"Unknown backward kernel {request.kernel!r}; accepted: {list(KERNELS)}.")
-  platform, split = policy.platform(), where_batch_lies(x)
+  split, here = where_batch_lies(x), policy.platform()
+  platforms = (here,) if policy.overridden() else policy.PLATFORMS
+  by_platform = []
+  for platform in platforms:
+    with policy.lowering_for(platform):
+      by_platform.append(_decide(request, train, axis_name, x, params, inner_relu, split))
+  return next(c for c in by_platform if c.platform == here)._replace(
+      by_platform=tuple(by_platform))
+
+
+def _decide(request: Request, train: bool, axis_name: Any, x: Optional[jax.Array], params: Any,
+            inner_relu: bool, split: BatchSplit) -> Choice:
+  """The table's row for the platform :func:`policy.platform` names."""
+  platform = policy.platform()
   make = lambda backward, reason: Choice(backward, reason, platform, split, _tie(split))
   op, kernel = request
   if op == "reference":

@@ -39,8 +39,10 @@ from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projectio
 class Config:
   """Static options of the gate (hashable: a ``nondiff_argnums`` argument).
 
-  ``choice``: how the backward pass runs, resolved when the op is traced
-  (:func:`atac_jax.ops.dispatch.choose`); None is the XLA backward with the ``"barrier"`` tie.
+  ``choice``: how the backward pass runs, resolved when the op is traced for every platform
+  (:func:`atac_jax.ops.dispatch.choose`); the backward pass, traced when the program is
+  lowered, takes its platform's entry (:attr:`resolved`). None is the XLA backward with the
+  ``"barrier"`` tie.
   ``axis_name``: the ``shard_map``/``pmap`` axis (or axes) over which batch statistics are
   global, or None.
   """
@@ -50,14 +52,19 @@ class Config:
   axis_name: Any = None
 
   @property
+  def resolved(self) -> Optional[dispatch.Choice]:
+    """The choice for the platform the backward pass is traced (lowered) for."""
+    return None if self.choice is None else self.choice.here()
+
+  @property
   def kernels(self) -> bool:
     """Whether the training backward runs the Pallas kernels."""
-    return self.choice is not None and self.choice.kernels
+    return self.choice is not None and self.resolved.kernels
 
   @property
   def tie(self) -> str:
     """How the backward pass's recomputation waits for the cotangent (:func:`_tie`)."""
-    return "barrier" if self.choice is None else self.choice.tie
+    return "barrier" if self.choice is None else self.resolved.tie
 
 
 class Gram(NamedTuple):
@@ -400,7 +407,7 @@ def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels:
     return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
                                     norm=with_norm(norm_moments, norm_affine),
                                     norm_dstats=norm_dstats,
-                                    interpret=cfg.choice.interpret,
+                                    interpret=cfg.resolved.interpret,
                                     parallel=cfg.choice.split.parallel,
                                     axis_name=cfg.axis_name)
 

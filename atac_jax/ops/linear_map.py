@@ -10,7 +10,9 @@ intermediates instead of storing them) is a ``jax.custom_jvp`` whose rule return
   -- and transpose the map by evaluating ``T^T``;
 * ``vmap`` maps both functions (the map stays one op, so ``vmap(grad)`` is still lean);
 * differentiating through the map with respect to ``r`` (grad-of-grad, ``jvp(grad)``)
-  differentiates the plain JAX function ``T`` or ``T^T``.
+  differentiates the plain JAX function ``T`` or ``T^T``;
+* under ``jit`` the functions are traced when the program is lowered, once per platform it is
+  lowered for, under that platform's choices (:mod:`atac_jax.ops.policy`).
 
 ``jax.custom_derivatives.linear_call`` does the first two only (no batching rule, and no
 derivative with respect to its residuals), hence this small primitive.
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from atac_jax.ops import policy
 from atac_jax.ops.types import varying_axes
 
 linear_map_p = Primitive("atac_linear_map")
@@ -137,4 +140,19 @@ linear_map_p.def_abstract_eval(_abstract_eval)
 ad.primitive_jvps[linear_map_p] = _jvp
 ad.primitive_transposes[linear_map_p] = _transpose
 batching.primitive_batchers[linear_map_p] = _batch
+def _lowering_for(backend: str):
+  """The lowering rule for JAX platform ``backend``: the functions are traced here, under the
+  ops' choices for ``backend`` (:func:`atac_jax.ops.policy.lowering_for`), so an AOT compile
+  and each platform of a multi-platform export get their own (e.g. the TPU kernels only in the
+  TPU lowering)."""
+  lowered = mlir.lower_fun(_impl, multiple_results=True)
+
+  def rule(ctx, *args, **params):
+    with policy.lowering_for(backend):
+      return lowered(ctx, *args, **params)
+  return rule
+
+
 mlir.register_lowering(linear_map_p, mlir.lower_fun(_impl, multiple_results=True))
+for _backend in ("cpu", "cuda", "rocm", "tpu"):
+  mlir.register_lowering(linear_map_p, _lowering_for(_backend), platform=_backend)

@@ -1,8 +1,12 @@
 """Per-backend choices of the gate ops: one table, each entry with its reason.
 
-The ops ask :func:`platform` which backend they are lowered for. It is ``jax.default_backend()``
-unless a caller compiling ahead of time for another platform says otherwise with
-:func:`lowering_platform` (``atac-bench compile`` does, for Cloud TPU topologies on a CPU host).
+The ops ask :func:`platform` which backend they are lowered for. The lean op's backward pass
+is traced when the program is lowered, once per platform it is lowered for
+(:mod:`atac_jax.ops.linear_map`'s per-platform lowering rules), so an AOT compile from a CPU host
+for a TPU and a multi-platform ``jax.export`` get each platform's choices with no declaration.
+Elsewhere (the forward pass, traced with the program) :func:`platform` is the platform of
+JAX's mesh context's devices (``jax.set_mesh``), else ``jax.default_backend()``.
+:func:`lowering_platform` overrides both (tests, tools).
 Which backward pass runs is decided from this table by :func:`atac_jax.ops.dispatch.choose`.
 The measurements behind each entry, with their commands and data, are in
 ``docs/ops_decisions.md``; ResNet-20 on v5e:2x2 below is the project's train step, batch 128,
@@ -69,18 +73,52 @@ _CHOICES = {
 }
 
 
-def platform() -> str:
-  """The platform the ops are being lowered for: 'cpu', 'gpu' or 'tpu'."""
-  override = getattr(_local, "platform", None)
-  if override is not None:
-    return override
-  backend = jax.default_backend()
+def _family(backend: str) -> str:
+  """'cpu', 'gpu' or 'tpu' for a JAX backend or lowering platform name ('cuda', 'rocm', ...)."""
   return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+
+
+def platform() -> str:
+  """The platform the ops are being lowered for: 'cpu', 'gpu' or 'tpu'.
+
+  First match: :func:`lowering_platform`; the platform a lowering rule traces for
+  (:func:`lowering_for`); the devices of JAX's mesh context (``jax.set_mesh``, ``shard_map``:
+  e.g. a Cloud TPU topology's mesh on a CPU host); ``jax.default_backend()``.
+  """
+  for name in (getattr(_local, "platform", None), getattr(_local, "lowering", None)):
+    if name is not None:
+      return name
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None and getattr(device, "platform", None):
+    return _family(device.platform)
+  return _family(jax.default_backend())
+
+
+def overridden() -> bool:
+  """Whether a :func:`lowering_platform` block is in force."""
+  return getattr(_local, "platform", None) is not None
+
+
+@contextlib.contextmanager
+def lowering_for(backend: str) -> Iterator[None]:
+  """Traces the ops inside the block for JAX lowering platform ``backend`` ('cpu', 'cuda',
+  'rocm', 'tpu', ...): what a per-platform lowering rule does while it traces an op's body.
+  :func:`lowering_platform` still takes precedence."""
+  previous = getattr(_local, "lowering", None)
+  _local.lowering = _family(backend)
+  try:
+    yield
+  finally:
+    _local.lowering = previous
 
 
 @contextlib.contextmanager
 def lowering_platform(name: str) -> Iterator[None]:
   """Traces the ops inside the block as if lowering for platform ``name`` (AOT compilation).
+
+  It applies to what is traced and lowered inside the block; JAX's trace and lowering caches do
+  not know it, so use a ``jax.jit`` not yet lowered elsewhere. Not needed for an AOT compile or
+  ``jax.export`` for another platform: the lean op's backward follows the lowering platform.
 
   Raises:
     ValueError: for a name other than 'cpu', 'gpu' or 'tpu'.
