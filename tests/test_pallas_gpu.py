@@ -370,3 +370,36 @@ def test_kernels_lower_to_triton(shape, k, fused, tiles, request):
   text = jax.jit(backward).trace(x, params, stats, gram, x, norm, Moments(vec(c), vec(c))
                                  ).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("gpu", ["a100", "h100"])  # sm_80, sm_90
+def test_kernels_compile_deviceless_for_nvidia_gpus(gpu, monkeypatch):
+  """XLA's GPU compiler (the CUDA plugin, no GPU needed) takes the kernels through Triton to
+  PTX and SASS: the loops and barrier (small tiles) and the stage that needs the most shared
+  memory (ResNet-50's last, ``C = 2048, K = 128``). Skipped without the plugin (CI)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if (importlib.util.find_spec("jax_plugins") is None
+      or importlib.util.find_spec("jax_plugins.xla_cuda12") is None):
+    pytest.skip("the CUDA plugin is not installed (pip install -e '.[gpu-aot]')")
+  from atac_train import aot  # pylint: disable=g-import-not-at-top
+  (device,) = aot.topology_devices(aot.parse_topology(f"{gpu}:1"))
+  on_gpu = jax.sharding.SingleDeviceSharding(device)
+  for shape, k, tile in [((8, 4, 4, 64), 4, 512), ((256, 7, 7, 2048), 128, None)]:
+    if tile:
+      monkeypatch.setattr(pallas_gpu, "TILE_ELEMENTS", tile)
+      monkeypatch.setattr(pallas_gpu, "MIN_PROGRAMS", 2)
+    else:
+      monkeypatch.undo()
+    c = shape[-1]
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=on_gpu)
+    params = jax.tree.map(lambda a: s(*a.shape), _shapes(c, k))
+    stats = GateStats(Moments(s(k), s(k)), Moments(s(c), s(c)))
+
+    def backward(x, params, stats, gram, dy, moments, affine):
+      norm = lean.InputNorm(moments, affine, NORM_EPS, jnp.float32, True)
+      return pallas_gpu.backward(x, params, stats, gram, dy, None, epsilon=EPS, norm=norm)
+
+    compiled = jax.jit(backward).lower(s(*shape), params, stats, lean.Gram(s(k), s(k, k)),
+                                      s(*shape), Moments(s(c), s(c)),
+                                      Affine(s(c), s(c))).compile()
+    assert compiled.as_text().count("__gpu$xla.gpu.triton") == 3
