@@ -327,7 +327,7 @@ def test_supported_reasons():
 @pytest.mark.parametrize("shape,k", [((128, 32, 32, 16), 4), ((128, 16, 16, 32), 8),
                                      ((128, 8, 8, 64), 16), ((256, 56, 56, 256), 16),
                                      ((256, 28, 28, 512), 32), ((256, 14, 14, 1024), 64),
-                                     ((256, 7, 7, 2048), 128)])
+                                     ((256, 7, 7, 2048), 128), ((64, 7, 7, 2048), 512)])
 def test_geometry_of_the_resnet_stages(shape, k):
   """ResNet-20's and ResNet-50's units: tiles within TILE_ELEMENTS, Triton's shapes (powers of
   two >= 16), every row covered once, and at least MIN_PROGRAMS programs or ROWS_PER_PARTIAL
@@ -338,6 +338,7 @@ def test_geometry_of_the_resnet_stages(shape, k):
     assert n >= 16 and n & (n - 1) == 0
   assert g.bottleneck >= k and c % g.chunk == 0
   assert g.row_block * max(g.chunk, g.bottleneck) <= pallas_gpu.TILE_ELEMENTS
+  assert g.chunk * g.bottleneck <= 2 * pallas_gpu.TILE_ELEMENTS
   assert g.programs * g.steps * g.row_block == rows
   rows_a_program = g.steps * g.row_block
   assert (g.programs >= pallas_gpu.MIN_PROGRAMS

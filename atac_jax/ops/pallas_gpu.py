@@ -17,13 +17,14 @@ pass forms ``da`` exactly. Each pass reads ``x`` and ``dy`` once from memory:
 
 1. **sums**: the up BatchNorm's and the input's sums (``InputSums``: ``dz``, ``gate_dy``,
    ``gate_dy xc``, ``xc``), ``a^T dz`` (``K x C``) and ``xc^T hc`` (``C x K``);
-2. **da** (with ``c0``, ``c1`` of the up BatchNorm: ``da = mask (da_dz + a M + r)``): the down
-   BatchNorm's sums (``da``, ``da hc``, ``hc``) and ``xc^T da`` (``C x K``);
+2. **da** (with ``c0``, ``c1`` of the up BatchNorm: ``da = mask (du Wu^T)``, ``du = up_scale dz
+   + c0 + c1 uc`` chunk by chunk): the down BatchNorm's sums (``da``, ``da hc``, ``hc``) and
+   ``xc^T da`` (``C x K``);
 3. **dx** (writes ``dx``), from the down BatchNorm's ``e0``, ``e1`` and the fused BatchNorm's
    ``c0``, ``c1``.
 
 The host-side math between the passes is the TPU backward's and the XLA backward's
-(``pallas_backward._fold``/``_up_gradients``, ``batch_norm.input_gradient_terms``,
+(``pallas_backward._fold``, ``batch_norm.projection_gradients``/``input_gradient_terms``,
 ``lean.InputNorm.gradient_terms``), so ``axis_name`` (sums this device's, constants the whole
 batch's) and ``parallel`` (per device under ``shard_map``) mean what they mean there.
 
@@ -67,10 +68,8 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from atac_jax.ops import batch_norm
-from atac_jax.ops.pallas_backward import (DataParallel, _fold, _up_gradients, _varying_like,
-                                          shards)
-from atac_jax.ops.pallas_tiles import (ActProducts, BottleneckConsts, DownGradConsts,
-                                       InputConsts, InputGradConsts, InputSums)
+from atac_jax.ops.pallas_backward import DataParallel, _fold, _varying_like, shards
+from atac_jax.ops.pallas_tiles import BottleneckConsts, InputConsts, InputGradConsts, InputSums
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
 from atac_jax.ops.types import varying_like
 
@@ -127,7 +126,9 @@ def geometry(rows: int, channels: int, bottleneck: int) -> Optional[Geometry]:
   row_block = min(_pow2_factor(rows), MAX_ROW_BLOCK, max(MIN_CHANNELS, TILE_ELEMENTS // kp))
   if row_block < MIN_CHANNELS:
     return None
-  chunk = min(channels, max(MIN_CHANNELS, TILE_ELEMENTS // row_block))
+  # (row_block, chunk) tiles within TILE_ELEMENTS, the (K, chunk) products within twice that
+  chunk = min(channels, max(MIN_CHANNELS, TILE_ELEMENTS // row_block),
+              max(MIN_CHANNELS, 2 * TILE_ELEMENTS // kp))
   blocks = rows // row_block
   divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
   steps = next((d for d in divisors if d * row_block >= ROWS_PER_PARTIAL * kp), blocks)
@@ -206,9 +207,21 @@ class _Refs(NamedTuple):
   dy: Any  # (R, C)
   w_down: Any  # (C, Kp) Wd' = diag(norm_scale) Wd
   w_up: Any  # (Kp, C) Wu
-  w_back: Any  # (C, Kp) (Wu diag(up_scale))^T: da_dz = dz w_back
+  w_up_t: Any  # (C, Kp) Wu^T: da = du Wu^T
   input_consts: Any  # (6, C) InputConsts, a row each
   bottleneck_consts: Any  # (3, Kp) BottleneckConsts
+
+
+class _UpGradConsts(NamedTuple):
+  """The up BatchNorm's input gradient ``du = up_scale dz + c0 + c1 uc``, packed ``(2, C)``."""
+  c0: jax.Array
+  c1: jax.Array
+
+
+class _DownGradConsts(NamedTuple):
+  """The down BatchNorm's ``dh = down_scale da + e0 + e1 hc``, packed ``(2, Kp)``."""
+  e0: jax.Array
+  e1: jax.Array
 
 
 class _Block:
@@ -247,18 +260,19 @@ class _Block:
     return hc, jnp.maximum(pre, 0.0)
 
   def gate(self, j, a):
-    """``(xc, gate_dy, dz)`` of chunk ``j``, ``(rows, chunk)`` each (with one chunk computed
-    once a block: the sweeps of a pass share it)."""
+    """``(xc, gate_dy, dz, uc)`` of chunk ``j``, ``(rows, chunk)`` each (``uc = u - mean_u``);
+    with one chunk computed once a block: the sweeps of a pass share it."""
     if self._gate is not None:
       return self._gate
     r, cols = self.refs, self.cols(j)
     const = functools.partial(self.input_consts, cols=cols)
     x, dy = self.load(r.x, cols), self.load(r.dy, cols)
-    z = const("up_scale") * (_dot(a, r.w_up[:, cols]) + const("up_shift")) + const("up_bias")
+    uc = _dot(a, r.w_up[:, cols]) + const("up_shift")
+    z = const("up_scale") * uc + const("up_bias")
     sig = 1.0 / (1.0 + jnp.exp(-z))
     gate_dy = dy * sig
     dz = gate_dy * (x * const("norm_scale") + const("norm_shift")) * (1.0 - sig)
-    gate = (x - const("norm_mean"), gate_dy, dz)
+    gate = (x - const("norm_mean"), gate_dy, dz, uc)
     if self.g.chunks == 1:
       self._gate = gate
     return gate
@@ -270,15 +284,21 @@ class _Block:
     cols = self.cols(j)
     return self.load(self.refs.x, cols) - self.input_consts("norm_mean", cols)
 
-  def da(self, a, m_mat, da_offset):
-    """``da = mask (dz (Wu diag(up_scale))^T + a M + r)``, ``(rows, Kp)``."""
+  def da(self, a, up_grad_ref):
+    """``da = mask (du Wu^T)``, ``(rows, Kp)``, the up BatchNorm's input gradient
+    ``du = up_scale dz + c0 + c1 uc`` formed chunk by chunk (never a ``(K, K)`` operand: the
+    TPU kernels' ``a M`` form would not fit a GPU's shared memory at ``K = 256``)."""
     g, r = self.g, self.refs
 
     def chunk(j, acc):
-      return acc + _dot(self.gate(j, a)[2], r.w_back[self.cols(j), :])
+      cols = self.cols(j)
+      _, _, dz, uc = self.gate(j, a)
+      up = lambda name: _row(up_grad_ref, _UpGradConsts._fields.index(name), cols)
+      du = self.input_consts("up_scale", cols) * dz + up("c0") + up("c1") * uc
+      return acc + _dot(du, r.w_up_t[cols, :])
 
-    da_dz = _loop(g.chunks, chunk, jnp.zeros((g.row_block, g.bottleneck), a.dtype))
-    return jnp.where(a > 0, da_dz + _dot(a, m_mat) + da_offset, 0.0)
+    du_wu = _loop(g.chunks, chunk, jnp.zeros((g.row_block, g.bottleneck), a.dtype))
+    return jnp.where(a > 0, du_wu, 0.0)
 
 
 def _row_blocks(g: Geometry, step, *, barrier: bool):
@@ -309,7 +329,7 @@ def _sums_kernel(*refs, g: Geometry, barrier: bool):
 
     def chunk(j, carry):
       cols = block.cols(j)
-      xc, gate_dy, dz = block.gate(j, a)
+      xc, gate_dy, dz, _ = block.gate(j, a)
       for i, v in enumerate(InputSums(dz, gate_dy, gate_dy * xc, xc)):
         _accumulate(sums_ref, (i, cols), jnp.sum(v, axis=0), first)
       _accumulate(a_dz_ref, (slice(None), cols), _dot_tn(a, dz), first)
@@ -331,12 +351,12 @@ class _DaSums(NamedTuple):
 def _da_kernel(*refs, g: Geometry, barrier: bool):
   """Pass 2: per program, :class:`_DaSums` ``(3, Kp)`` and ``xc^T da`` ``(C, Kp)``."""
   operands = _Refs(*refs[:7])
-  m_ref, down_grad_ref, sums_ref, xc_da_ref = refs[7:]
+  up_grad_ref, sums_ref, xc_da_ref = refs[7:]
 
   def step(row0, first):
     block = _Block(g, operands, row0)
     hc, a = block.bottleneck()
-    da = block.da(a, m_ref[...], _row(down_grad_ref, DownGradConsts._fields.index("da_offset")))
+    da = block.da(a, up_grad_ref)
     for i, v in enumerate(_DaSums(da, da * hc, hc)):
       _accumulate(sums_ref, (i, slice(None)), jnp.sum(v, axis=0), first)
 
@@ -354,21 +374,20 @@ def _dx_kernel(*refs, g: Geometry):
   """Pass 3: ``dx = dh Wd'^T + norm_scale gate_dy + dx_offset + dx_slope xc`` with
   ``dh = down_scale da + dh_offset + dh_slope hc``."""
   operands = _Refs(*refs[:7])
-  m_ref, down_grad_ref, w_down_t_ref, input_grad_ref, dx_ref = refs[7:]
+  up_grad_ref, down_grad_ref, w_down_t_ref, input_grad_ref, dx_ref = refs[7:]
 
   def step(row0, first):
     del first
     block = _Block(g, operands, row0)
     hc, a = block.bottleneck()
-    down = lambda name: _row(down_grad_ref, DownGradConsts._fields.index(name))
+    down = lambda name: _row(down_grad_ref, _DownGradConsts._fields.index(name))
     down_scale = _row(operands.bottleneck_consts, BottleneckConsts._fields.index("down_scale"))
-    da = block.da(a, m_ref[...], down("da_offset"))
-    dh = down_scale * da + down("dh_offset") + down("dh_slope") * hc
+    dh = down_scale * block.da(a, up_grad_ref) + down("e0") + down("e1") * hc
 
     def chunk(j, carry):
       cols = block.cols(j)
       const = lambda name: _row(input_grad_ref, InputGradConsts._fields.index(name), cols)
-      xc, gate_dy, _ = block.gate(j, a)
+      xc, gate_dy, _, _ = block.gate(j, a)
       dx = (_dot(dh, w_down_t_ref[:, cols]) + const("norm_scale") * gate_dy
             + const("dx_offset") + const("dx_slope") * xc)
       dx_ref[block.rows, cols] = dx.astype(dx_ref.dtype)
@@ -449,6 +468,25 @@ def _pad(a: jax.Array, shape) -> jax.Array:
   return jnp.pad(a, [(0, s - d) for s, d in zip(shape, a.shape)])
 
 
+class _UpGradients(NamedTuple):
+  """The up BatchNorm's and projection's backward from pass 1's sums."""
+  daffine: Affine
+  dkernel: jax.Array
+  dbias: Optional[jax.Array]
+  c0: jax.Array  # du = up_scale dz + c0 + c1 uc
+  c1: jax.Array
+
+
+def _up_gradients(f, ku, gram, sums: InputSums, a_dz, count, dup, *, bias: bool,
+                  axis_name) -> _UpGradients:
+  """As the TPU kernels' (``pallas_backward._up_gradients``), keeping ``c0`` and ``c1``."""
+  sum_dz_uc = jnp.sum(ku * a_dz, axis=0) + f.up_shift * sums.dz
+  c0, c1, dkernel, dbias = batch_norm.projection_gradients(
+      gram.total, gram.matrix, ku, f.up_shift, f.up_scale, f.rs_up, sums.dz, sum_dz_uc, a_dz,
+      count, dup, bias=bias, axis_name=axis_name)
+  return _UpGradients(Affine(sum_dz_uc * f.rs_up, sums.dz), dkernel, dbias, c0, c1)
+
+
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
              dstats: Optional[GateStats], *, epsilon: float, norm=None,
              norm_dstats: Optional[Moments] = None, interpret: bool = False,
@@ -486,7 +524,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   gate_consts = (
       _pad(f.w_down, (c, kp)),  # w_down
       _pad(ku32, (kp, c)),  # w_up
-      _pad((ku32 * f.up_scale[None, :]).T, (c, kp)),  # w_back
+      _pad(ku32.T, (c, kp)),  # w_up_t
       jnp.stack(InputConsts(f.up_shift, f.up_scale, params.norm_up.bias.astype(dtype),
                             f.norm_scale, f.norm_shift, f.norm_mean)),  # (6, C)
       _pad(jnp.stack(BottleneckConsts(f.h_bias - stats.down.mean, f.down_scale,
@@ -504,16 +542,13 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
                            partials=((len(InputSums._fields), c), (kp, c), (c, kp)),
                            flops=4 * mm + elementwise, transcendentals=sig)
   input_sums = InputSums(*sums)
-  up = _up_gradients(f, ku32, gram, input_sums, ActProducts(a_dz[:k], None, None), count, dup,
+  up = _up_gradients(f, ku32, gram, input_sums, a_dz[:k], count, dup,
                      bias=params.up.bias is not None, axis_name=axis_name)
 
   # Pass 2: da, the down BatchNorm's sums.
-  m_mat = _pad(up.m_mat, (kp, kp))
-  da_offset = _pad(up.da_offset, (kp,))
-  zeros_k = jnp.zeros((kp,), dtype)
-  da_consts = gate_consts + (m_mat, jnp.stack(DownGradConsts(da_offset, zeros_k, zeros_k)))
-  da_flops = 3 * mm + 2 * rows_dev * kp * kp + elementwise  # hc, u, da_dz and a M
-  da_sums, xc_da = call(_da_kernel, consts=da_consts,
+  up_grad = jnp.stack(_UpGradConsts(up.c0, up.c1))  # (2, C)
+  da_flops = 3 * mm + elementwise  # hc, u and du Wu^T
+  da_sums, xc_da = call(_da_kernel, consts=gate_consts + (up_grad,),
                         partials=((len(_DaSums._fields), kp), (c, kp)),
                         flops=da_flops + mm, transcendentals=sig)
   da_sums = _DaSums(*(s[:k] for s in da_sums))
@@ -534,14 +569,12 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
 
   # Pass 3: dx.
   dx_consts = gate_consts + (
-      m_mat, jnp.stack(DownGradConsts(da_offset, _pad(e0, (kp,)), _pad(e1, (kp,)))),
-      _pad(f.w_down, (c, kp)).T,
+      up_grad, _pad(jnp.stack(_DownGradConsts(e0, e1)), (2, kp)), _pad(f.w_down, (c, kp)).T,
       jnp.stack(InputGradConsts(f.norm_scale, dx_offset, dx_slope)))
   (dx_rows,) = call(_dx_kernel, consts=dx_consts, partials=None,
                     flops=da_flops + (1 if g.chunks == 1 else 2) * mm + elementwise,
                     transcendentals=(1 if g.chunks == 1 else 2) * sig)  # z again (chunks)
   dx = dx_rows.reshape(x.shape).astype(x.dtype)
   dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dscale_down, dbias_down),
-                                 Projection(up.dkernel, up.dproj_bias),
-                                 Affine(up.dscale, up.dbias)), params)
+                                 Projection(up.dkernel, up.dbias), up.daffine), params)
   return dx, dparams, daffine
