@@ -9,11 +9,13 @@ deviceless for sm_80 and sm_90 with the CUDA plugin.
 
 Why three passes, not the TPU's two. The programs of a GPU grid run in parallel, so nothing is
 accumulated across them: each program owns a slot of every summed output and writes its
-partial sums there; XLA adds the slots up (small). The TPU's sums pass also accumulates the
+partial sums there; XLA adds the slots up (``3 K C`` floats a program). The TPU's sums pass
+also accumulates the
 three-way products ``sum(xc_c a_j mask_k)`` (``C x K x K``) so that the down BatchNorm's sums
 need no second look at the input; per program that is far too big for ResNet-50's widths
 (``C = 1024, K = 64``: 4M floats). Instead, with the up BatchNorm's constants known, the second
-pass forms ``da`` exactly. Each pass reads ``x`` and ``dy`` once from memory:
+pass forms ``da`` exactly. Each pass reads ``x`` and ``dy`` once from memory (a row block's
+sweeps over its channels read it again, from cache):
 
 1. **sums**: the up BatchNorm's and the input's sums (``InputSums``: ``dz``, ``gate_dy``,
    ``gate_dy xc``, ``xc``), ``a^T dz`` (``K x C``) and ``xc^T hc`` (``C x K``);
@@ -32,13 +34,14 @@ Layout (row form): ``x`` is ``(R, C)``, ``R`` = batch x positions, channels mino
 ``(N, ..., C)`` activation as it lies in memory on a GPU, so no transpose. A program takes
 ``steps`` blocks of ``row_block`` rows; within a block the ``C`` channels are swept in chunks
 of ``chunk`` channels (the bottleneck ``hc`` needs all of them before anything else), so a
-tile in registers is at most ``row_block x max(chunk, K)`` (8192 floats) for every ``C`` up to
-ResNet-50's 2048. A program's partial sums stay in its output slot across its row blocks
-(read, add, write; a barrier between blocks, since Triton may map an element to different
-threads in the load and the store); the number of programs trades the partials' bytes
-(``3 K C`` floats a program, written and read back, against ``7 C`` a row for the passes) against
-filling the GPU (:func:`geometry`). No software pipelining (``NUM_STAGES = 1``): two stages need
-more shared memory than an A100 has at ``C >= 1024``.
+tile in registers is at most ``row_block x max(chunk, K)`` (8192 floats; a ``K x chunk``
+product twice that) for every ``C`` up to ResNet-50's 2048 and ``K`` up to 512. A program's
+partial sums stay in its output slot across its row blocks (read, add, write; a barrier
+between blocks, since Triton may map an element to different threads in the load and the
+store); the number of programs trades the partials' bytes (``3 K C`` floats a program, written
+and read back, against ``7 C`` a row for the passes) against filling the GPU
+(:func:`geometry`). No software pipelining (``NUM_STAGES = 1``): two stages need more shared
+memory than an A100 has at ``C >= 1024``.
 
 Triton constraints: tensor sizes are powers of two and a matrix product's operands at least
 16 in each dimension. ``C`` must be a power of two >= 16; the bottleneck ``K`` is padded to a
@@ -75,13 +78,13 @@ from atac_jax.ops.types import varying_like
 
 PRECISION = lax.Precision.DEFAULT  # TF32 products on Ampere+ (as XLA's); exact on the CPU
 MIN_CHANNELS = 16  # Triton's matrix products take operands >= 16 in each dimension
-MAX_BOTTLENECK = 512  # padded K: a (16, K) tile of the bottleneck stays within TILE_ELEMENTS
+MAX_BOTTLENECK = 512  # padded K: a (16, K) tile within TILE_ELEMENTS (compiled: K = 512 fits)
 TILE_ELEMENTS = 8192  # the most elements of a tile a program holds (row_block x chunk or K)
 MAX_ROW_BLOCK = 256
 ROWS_PER_PARTIAL = 4  # a program takes >= 4 K rows: its partial sums <= ~1/5 of the traffic
 MIN_PROGRAMS = 32  # but no more rows than leave this many programs, where the rows allow
 NUM_WARPS = 8
-NUM_STAGES = 1  # software pipelining of the chunk loops: 2 exceeds an A100's shared memory at C >= 1024
+NUM_STAGES = 1  # no software pipelining: 2 stages overflow an A100's shared memory (C >= 1024)
 
 _ELEMENTWISE_FLOPS = 12  # per element of a (rows, C) tile: the gate's element-wise ops
 
@@ -310,7 +313,7 @@ def _row_blocks(g: Geometry, step, *, barrier: bool):
   def body(s, carry):
     row0 = pl.multiple_of((program * g.steps + s) * g.row_block, g.row_block)
     step(row0, True if g.steps == 1 else s == 0)
-    if barrier:
+    if barrier and g.steps > 1:
       from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
       plgpu.debug_barrier()
     return carry
