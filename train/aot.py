@@ -338,7 +338,10 @@ def compile_step(config, topology: Topology, *, step: str = "project"
     step: ``"project"``, the project's train step (what the CLI runs); ``"user"``, a plain
       SGD step in the user's own ``jax.jit`` under ``jax.set_mesh`` (:func:`user_train_step`);
       ``"shard_map"``, the same step per device under ``jax.shard_map``, the model's BatchNorms
-      and units taking ``axis_name``.
+      and units taking ``axis_name``. The project's step is traced inside
+      ``ops.policy.lowering_platform`` of the target (as the CLI's AOT path); the user steps
+      are not (a user's own compile: the ops take the target's choices from the lowering and
+      the mesh context).
 
   Returns:
     ``(record, compiled)``: the per-chip figures (see the module docstring) and the compiled
@@ -351,11 +354,11 @@ def compile_step(config, topology: Topology, *, step: str = "project"
   compiler_key, compiler_version = require_compiler(topology)
   devices = topology_devices(topology)
   from atac_jax import ops  # pylint: disable=g-import-not-at-top
-  with ops.policy.lowering_platform(topology.platform):  # the ops' choices for the target
-    if step == "project":
+  if step == "project":
+    with ops.policy.lowering_platform(topology.platform):  # the ops' choices for the target
       lowered = _lower_project_step(config, devices)
-    else:
-      lowered = _lower_user_step(config, devices, shard_map=step == "shard_map")
+  else:  # no project code: the ops read the platform from the lowering and the mesh context
+    lowered = _lower_user_step(config, devices, shard_map=step == "shard_map")
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
