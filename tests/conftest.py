@@ -46,7 +46,7 @@ SLOWEST_FILES = (
     "test_gcs_workdir.py", "test_main.py", "test_docs.py", "test_errors.py", "test_nnx.py",
     "test_viz.py", "test_export.py", "test_registry.py", "test_activations.py",
     "test_conventions.py", "test_cifar_resnet.py", "test_checkpoint.py", "test_resume.py",
-    "test_atac_fusion.py", "test_bench.py")
+    "test_atac_fusion.py", "test_bench.py", "test_pallas_gpu.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -182,7 +182,7 @@ def test_choice_is_resolved_for_every_platform(monkeypatch):
   choice = ops.choose(auto, train=True, x=x, params=params)
   assert [c.platform for c in choice.by_platform] == list(ops.policy.PLATFORMS)
   assert {c.platform: c.backward for c in choice.by_platform} == {
-      "cpu": ops.Backward.XLA, "gpu": ops.Backward.XLA, "tpu": ops.Backward.PALLAS}
+      "cpu": ops.Backward.XLA, "gpu": ops.Backward.PALLAS, "tpu": ops.Backward.PALLAS}
   assert choice.on("tpu").reason.startswith("13:") and choice.on("cpu").reason.startswith("9:")
   assert choice.on("cpu").tie == "scalar" and choice.on("tpu").tie == "barrier"
   assert choice.backward is choice.on(jax.default_backend()).backward is ops.Backward.XLA
@@ -193,20 +193,31 @@ def test_choice_is_resolved_for_every_platform(monkeypatch):
   assert forced.on("cpu") is forced  # not resolved: the override's row everywhere
 
 
+TRITON = "__gpu$xla.gpu.triton"  # the custom call of a Pallas kernel lowered by Triton
+
+
 def test_multi_platform_export_carries_each_platform_backward(monkeypatch):
-  """``jax.export`` for ('cpu', 'tpu') with no declaration: the TPU lowering holds the two
-  Pallas kernels (Mosaic custom calls), the CPU lowering the XLA backward; the exported step
-  runs on the CPU with the whole-batch XLA backward's gradients. Exported for the CPU alone,
-  or under ``lowering_platform('cpu')``, no kernel appears."""
+  """``jax.export`` for ('cpu', 'cuda', 'tpu') with no declaration: the TPU lowering holds the
+  two Mosaic kernels, the CUDA lowering the three Triton kernels, the CPU lowering the XLA
+  backward; the exported step runs on the CPU with the whole-batch XLA backward's gradients.
+  Exported for the CPU alone, or under ``lowering_platform('cpu')``, no kernel appears."""
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   step, args = _one_device_step()
-  both = jax.export.export(step, platforms=("cpu", "tpu"))(*args)
-  text = both.mlir_module()
-  assert both.platforms == ("cpu", "tpu")
-  assert text.count("tpu_custom_call") == 2  # the sums and dx kernels, once each
+  # JAX guarantees no compatibility for Triton's custom call, so export asks for consent.
+  with pytest.raises(ValueError, match="custom calls"):
+    jax.export.export(step, platforms=("cpu", "cuda"))(*args)
+  every = jax.export.export(
+      step, platforms=("cpu", "cuda", "tpu"),
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+  text = every.mlir_module()
+  assert every.platforms == ("cpu", "cuda", "tpu")
+  assert text.count("tpu_custom_call") == 2  # the TPU's sums and dx kernels, once each
+  assert text.count(TRITON) == 3  # the GPU's sums, da and dx kernels
   assert "stablehlo.case" in text  # the per-platform branches
   want = jax.grad(functools.partial(_loss, "lean"), argnums=(0, 1))(*args)
-  _close(both.call(*args), want)
+  _close(every.call(*args), want)
+  both = jax.export.export(step, platforms=("cpu", "tpu"))(*args)
+  assert both.mlir_module().count("tpu_custom_call") == 2 and TRITON not in both.mlir_module()
   assert "tpu_custom_call" not in jax.export.export(step, platforms=("cpu",))(*args).mlir_module()
   # The override wins over the lowering platform (a fresh jit: JAX's caches do not know it).
   with ops.policy.lowering_platform("cpu"):
@@ -240,3 +251,19 @@ def test_trace_time_choices_follow_the_mesh_context_devices():
       assert ops.policy.platform() == "gpu"
   with jax.set_mesh(_mesh(("data", 2))):
     assert ops.policy.platform() == "cpu"
+
+
+def test_training_export_with_a_symbolic_batch_takes_the_xla_backward(monkeypatch):
+  """A symbolic batch (``jax.export.symbolic_shape``): the kernels' tiling needs sizes, so every
+  platform's choice is the XLA backward, and the export runs with the XLA backward's values."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  chosen = _recording(monkeypatch)
+  step, args = _one_device_step()
+  x, params, affine, weights = args
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 4, 2, 16"), jnp.float32)
+  exported = jax.export.export(step, platforms=("cpu", "tpu"))(spec, params, affine, spec)
+  assert "tpu_custom_call" not in exported.mlir_module()
+  assert {c.backward for c in chosen[0].by_platform} == {ops.Backward.XLA}
+  assert "symbolic shape" in chosen[0].on("tpu").reason
+  want = jax.grad(functools.partial(_loss, "lean"), argnums=(0, 1))(*args)
+  _close(exported.call(*args), want)

@@ -62,3 +62,12 @@ def test_bad_options_are_clear_errors(capsys, argv, message):
   with pytest.raises(SystemExit) as error:
     bench.main(["kernels", *argv])
   assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_kernels_are_checked_at_the_tf32_tolerance():
+  """On a GPU the check asks the Triton kernels whether they apply and allows TF32's error."""
+  from atac_jax import ops  # pylint: disable=g-import-not-at-top
+  assert kernel_check.default_tolerance() == 1e-3
+  with ops.policy.lowering_platform("gpu"):
+    assert kernel_check.default_tolerance() == 1e-2
+    assert ops.dispatch.kernels_for(ops.policy.platform()) is ops.pallas_gpu

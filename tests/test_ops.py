@@ -168,9 +168,9 @@ def _kernel_operands():
 
 
 def test_module_backward_kernel_auto_is_pallas_on_tpu_where_the_split_is_known(monkeypatch):
-  """TPU: the kernels under 'auto' on one device or under a data_parallel declaration; with
-  several devices and none (the kernels would see the whole batch) the XLA backward; GPU and
-  CPU: the XLA backward."""
+  """TPU and GPU: the kernels under 'auto' on one device or under a data_parallel declaration;
+  with several devices and none (the kernels would see the whole batch) the XLA backward; CPU:
+  the XLA backward. GPU: where the Triton kernels apply (channels a power of two)."""
   x, params = _kernel_operands()
   module = lambda memory_lean=True, kernel="auto": ops.Request.from_module(
       memory_lean=memory_lean, backward_kernel=kernel)
@@ -187,10 +187,19 @@ def test_module_backward_kernel_auto_is_pallas_on_tpu_where_the_split_is_known(m
       assert backward() is ops.Backward.PALLAS
     assert backward(module(kernel="xla")) is ops.Backward.XLA
     assert backward(module(memory_lean=False)) is ops.Backward.REFERENCE
-  for platform in ("gpu", "cpu"):
-    with ops.policy.lowering_platform(platform):
-      monkeypatch.setattr(jax, "device_count", lambda: 1)
-      assert backward() is ops.Backward.XLA
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  with ops.policy.lowering_platform("cpu"):
+    assert backward() is ops.Backward.XLA
+  with ops.policy.lowering_platform("gpu"):
+    assert ops.policy.choice("backward_kernel") == "pallas"
+    assert backward() is ops.Backward.PALLAS and ops.choose(
+        module(), train=True, x=x, params=params).reason.startswith("13: gpu kernels")
+    wide = jnp.zeros((8, 4, 4, 24), jnp.float32)  # 24 channels: not a power of two
+    wide_params = jax.tree.map(lambda a: jnp.ones(tuple(24 if d == 16 else d for d in a.shape),
+                                                  jnp.float32),
+                               params)
+    refused = ops.choose(module(), train=True, x=wide, params=wide_params)
+    assert refused.backward is ops.Backward.XLA and "power of two" in refused.reason
 
 
 def test_choose_and_policy():

@@ -159,7 +159,10 @@ def libtpu_version() -> str | None:
 
 def cuda_plugin_version() -> str | None:
   """The installed CUDA plugin's version (``jax-cuda12-plugin``), or None without it."""
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  try:
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+      return None
+  except ModuleNotFoundError:  # no jax_plugins package at all
     return None
   return _version("jax-cuda12-plugin") or "unknown"
 

@@ -63,11 +63,11 @@ class ATAC(nn.Module):
       pass; same variables, values and gradients, less memory and time; every transformation).
       ``False`` runs the reference op (plain autodiff). Inference always runs the reference op.
     backward_kernel: with ``memory_lean``, ``"auto"`` (the per-backend policy: ``"pallas"``
-      on TPU where the batch's split is known: one device, JAX's mesh context, ``shard_map``,
-      or a ``pallas_backward.data_parallel`` step; ``"xla"`` elsewhere), ``"xla"``, or
-      ``"pallas"``: the training backward pass of a float32 unit as two Pallas kernels where
-      they apply (``atac_jax.ops.pallas_backward``; Mosaic on TPU, Pallas' interpreter on the
-      CPU, the XLA backward on GPU). Which backward
+      on TPU and GPU where the batch's split is known: one device, JAX's mesh context,
+      ``shard_map``, or a ``pallas_backward.data_parallel`` step; ``"xla"`` on the CPU),
+      ``"xla"``, or ``"pallas"``: the training backward pass as Pallas kernels where they
+      apply (``atac_jax.ops.pallas_backward``: Mosaic on TPU, float32, Pallas' interpreter on
+      the CPU; ``atac_jax.ops.pallas_gpu``: Triton on NVIDIA GPUs). Which backward
       runs, and why: :func:`atac_jax.ops.dispatch.choose`.
     axis_name: a ``shard_map``/``pmap`` axis name: batch statistics are then global over it (as
       ``nn.BatchNorm(axis_name=...)``); every backward takes it (the lean op and the kernels

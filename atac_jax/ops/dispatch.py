@@ -27,18 +27,20 @@ row  request                   condition                        backward    why
 6    op lean                   inference                        XLA         asked for
 7    op auto                   policy ``gate_impl``: reference  REFERENCE   policy
 8    kernel xla                --                               XLA         asked for
-9    kernel auto               policy ``backward_kernel``: xla  XLA         policy (CPU, GPU)
+9    kernel auto               policy ``backward_kernel``: xla  XLA         policy (CPU)
 10   kernel auto               batch split unknown              XLA         see below
-11   kernel pallas or auto     lowering for GPU                 XLA         no GPU kernels
 12   kernel pallas or auto     ``supported()`` gives a reason   XLA         that reason
-13   kernel pallas or auto     --                               PALLAS      2 passes, not ~17
+13   kernel pallas or auto     --                               PALLAS      2-3 passes, not ~17
 ===  ========================  ===============================  ==========  ======================
 
 Rows 8-13 apply to a training-mode lean op (op ``lean``, or ``auto`` by the policy). Row 10:
-without knowing the split the kernels would see the whole batch on every device. Row 12:
+without knowing the split the kernels would see the whole batch on every device. Row 12: the
+platform's kernels' ``supported`` (:func:`kernels_for`): on TPU (and the CPU's interpreter)
 ``pallas_backward.supported`` (float32, rank >= 3, ``inner_relu``, channels multiples of 8, a
-tile within the on-chip budget, the batch a multiple of its shards), and, off TPU, Pallas'
-interpreter outside a ``shard_map`` that checks varying axes. The choice also carries the lean
+tile within the on-chip budget, the batch a multiple of its shards); on GPU
+``pallas_gpu.supported`` (float32 or bfloat16, channels a power of two >= 16, ...); and, on the
+CPU, Pallas' interpreter outside a ``shard_map`` that checks varying axes. (Row 11, "no GPU
+kernels", is gone since the GPU kernels exist.) The choice also carries the lean
 op's ``tie`` (:func:`atac_jax.ops.lean._tie`): the policy's ``tie``, except ``"scalar"`` becomes
 ``"zeros"`` where the batch may lie on several devices (the scalar would be broadcast by a
 collective). The figures behind each policy entry are in ``docs/ops_decisions.md``.
@@ -57,7 +59,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from atac_jax.ops import pallas_backward, policy, types
+from atac_jax.ops import pallas_backward, pallas_gpu, policy, types
 
 IMPLS = ("auto", "lean", "pallas", "reference")
 OPS = ("auto", "lean", "reference")
@@ -209,8 +211,8 @@ class Choice(NamedTuple):
 
   @property
   def interpret(self) -> bool:
-    """Whether the kernels run in Pallas' interpreter (lowering for other than TPU: tests)."""
-    return self.platform != "tpu"
+    """Whether the kernels run in Pallas' interpreter (lowering for the CPU: tests)."""
+    return self.platform == "cpu"
 
 
 def _tie(split: BatchSplit) -> str:
@@ -270,16 +272,24 @@ def _decide(request: Request, train: bool, axis_name: Any, x: Optional[jax.Array
       return make(Backward.XLA, f"9: policy backward_kernel on {platform}")
     if not split.known:
       return make(Backward.XLA, f"10: batch split unknown ({split.source})")
-  if platform == "gpu":
-    return make(Backward.XLA, "11: no Pallas kernels for GPU")
-  unsupported = pallas_backward.supported(x, params, inner_relu=inner_relu,
-                                          parallel=split.parallel)
+  if x is not None and not all(isinstance(d, int) for d in x.shape):
+    unsupported = f"symbolic shape {x.shape} (jax.export): the kernels' tiling needs sizes"
+  else:
+    unsupported = kernels_for(platform).supported(x, params, inner_relu=inner_relu,
+                                                  parallel=split.parallel)
   if unsupported is None and axis_name is not None and split.parallel is not None:
     unsupported = (f"axis_name={axis_name!r} inside a data_parallel declaration (declare the "
                    "split or name the axis, not both)")
-  if unsupported is None and platform != "tpu" and x is not None and types.varying_axes(x):
+  if unsupported is None and platform == "cpu" and x is not None and types.varying_axes(x):
     unsupported = ("Pallas' interpreter does not run under a shard_map that checks varying "
                    "axes (check_vma=True; TPU compiles the kernels there)")
   if unsupported is not None:
     return make(Backward.XLA, f"12: kernels do not apply: {unsupported}")
-  return make(Backward.PALLAS, f"13: kernels ({split.source})")
+  return make(Backward.PALLAS, f"13: {platform} kernels ({split.source})")
+
+
+def kernels_for(platform: str):
+  """The Pallas backward's module for ``platform``: :mod:`~atac_jax.ops.pallas_gpu` (Triton)
+  on GPU, else :mod:`~atac_jax.ops.pallas_backward` (Mosaic on TPU, Pallas' interpreter on the
+  CPU)."""
+  return pallas_gpu if platform == "gpu" else pallas_backward

@@ -11,11 +11,12 @@ Implementations (``impl``; which one runs is :func:`atac_jax.ops.dispatch.choose
   (:mod:`atac_jax.ops.pallas_backward`: two passes over the input instead of XLA's ~17 on TPU)
   where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8, a tile
   within the on-chip memory budget; else the XLA backward). Compiled by Mosaic on TPU, run in
-  Pallas' interpreter on the CPU (slow: for tests), the XLA backward on GPU. Where the batch lies
-  is read from JAX (:func:`atac_jax.ops.dispatch.where_batch_lies`: one device, the mesh
-  context, ``shard_map``; ``pallas_backward.data_parallel`` overrides).
+  Pallas' interpreter on the CPU (slow: for tests); on NVIDIA GPUs the three Triton kernels of
+  :mod:`atac_jax.ops.pallas_gpu` (float32 or bfloat16, channels a power of two >= 16). Where
+  the batch lies is read from JAX (:func:`atac_jax.ops.dispatch.where_batch_lies`: one device,
+  the mesh context, ``shard_map``; ``pallas_backward.data_parallel`` overrides).
 * ``"auto"`` -- the policy's op (``"lean"`` on every backend today) with the XLA backward in
-  training; ``"reference"`` in inference. Every implementation takes ``axis_name``
+  training (the Flax modules' ``backward_kernel="auto"`` takes the kernels on TPU and GPU); ``"reference"`` in inference. Every implementation takes ``axis_name``
   (cross-device statistics, as ``nn.BatchNorm(axis_name=...)``).
 
 ``impl`` may also be a :class:`~atac_jax.ops.dispatch.Request` (what the Flax modules pass: their

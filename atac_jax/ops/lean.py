@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from atac_jax.ops import batch_norm, dispatch, pallas_backward, policy, reductions, types
+from atac_jax.ops import batch_norm, dispatch, policy, reductions, types
 from atac_jax.ops.linear_map import linear_map
 from atac_jax.ops.reductions import acc_dtype, colsum, pointwise, tdot
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
@@ -404,12 +404,11 @@ def _train_backward(x, params, stats, gram, dy, dstats, cfg: Config, *, kernels:
   def pallas(x, params, stats, gram, dy, dstats, norm_moments, norm_affine, norm_dstats,
              input_mean):
     del input_mean  # the kernels take the sums they need in their own passes
-    return pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
-                                    norm=with_norm(norm_moments, norm_affine),
-                                    norm_dstats=norm_dstats,
-                                    interpret=cfg.resolved.interpret,
-                                    parallel=cfg.choice.split.parallel,
-                                    axis_name=cfg.axis_name)
+    choice = cfg.resolved
+    return dispatch.kernels_for(choice.platform).backward(
+        x, params, stats, gram, dy, dstats, epsilon=cfg.epsilon,
+        norm=with_norm(norm_moments, norm_affine), norm_dstats=norm_dstats,
+        interpret=choice.interpret, parallel=choice.split.parallel, axis_name=cfg.axis_name)
 
   pallas.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
   return pallas(*args)

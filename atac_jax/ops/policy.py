@@ -20,8 +20,9 @@ Choices (``choice(name)``):
 
 ``backward_kernel`` -- the lean op's training backward under ``backward_kernel="auto"``:
   ``"pallas"`` on TPU, two passes over the input instead of XLA's ~17 (ResNet-20 on v5e:2x2:
-  1.96 GB accessed against 3.10 GB); ``"xla"`` elsewhere (the CPU runs the kernels only in
-  Pallas' interpreter, for tests; no GPU kernels).
+  1.96 GB accessed against 3.10 GB); ``"pallas"`` on GPU, the Triton kernels of
+  :mod:`atac_jax.ops.pallas_gpu` (three passes; figures in ``docs/performance.md``, GPU);
+  ``"xla"`` on the CPU (it runs the kernels only in Pallas' interpreter, for tests).
 
 ``colsum`` -- how a column sum over rows is written: on the CPU a product with ones (exact),
   since XLA:CPU turns a large ``jnp.sum`` into ``reduce-window`` ops well below memory bandwidth
@@ -63,7 +64,7 @@ _local = threading.local()
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 _CHOICES = {
-    "backward_kernel": {"tpu": "pallas", "default": "xla"},
+    "backward_kernel": {"tpu": "pallas", "gpu": "pallas", "default": "xla"},
     "colsum": {"cpu": "ones_matmul", "default": "reduce"},
     "contraction": {"tpu": "conv", "default": "dot"},
     "fold_norm": {"default": True},
