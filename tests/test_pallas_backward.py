@@ -48,12 +48,12 @@ CASES = [((32, 2, 4, 16), False, True),  # batch-minor, as ResNet-20's first sta
          ((8, 2, 2, 256), False, True)]
 
 
-@pytest.mark.parametrize("shape,bias,fused", CASES)
-@pytest.mark.parametrize("with_dstats", [False, True])
-def test_matches_lean_backward(shape, bias, fused, with_dstats):
+def backward_operands(seed: int, shape, k: int, *, bias: bool, fused: bool, with_dstats: bool):
+  """``(cfg, args, kwargs)`` of a training-mode backward: ``args`` are ``(x, params, stats,
+  gram, dy, dstats)`` from the lean op's forward pass, ``kwargs`` the fused BatchNorm's
+  (``norm``, ``norm_dstats``) with ``fused``; ``dstats`` cotangents of the returned moments."""
   c = shape[-1]
-  k = c // 2
-  keys = jax.random.split(jax.random.PRNGKey(sum(shape) + bias + 2 * fused), 6)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
   x = jax.random.normal(keys[0], shape) + 0.3
   dy = jax.random.normal(keys[1], shape)
   params = _params(keys[2], c, k, bias=bias)
@@ -73,6 +73,15 @@ def test_matches_lean_backward(shape, bias, fused, with_dstats):
     if fused:
       kwargs["norm_dstats"] = Moments(None, jax.random.normal(r[3], (c,)))
   _, stats, gram = lean.forward(x, params, None, cfg, norm=norm)
+  return cfg, (x, params, stats, gram, dy, dstats), kwargs
+
+
+@pytest.mark.parametrize("shape,bias,fused", CASES)
+@pytest.mark.parametrize("with_dstats", [False, True])
+def test_matches_lean_backward(shape, bias, fused, with_dstats):
+  cfg, args, kwargs = backward_operands(sum(shape) + bias + 2 * fused, shape, shape[-1] // 2,
+                                        bias=bias, fused=fused, with_dstats=with_dstats)
+  x, params, stats, gram, dy, dstats = args
   want = lean.backward(x, params, stats, gram, dy, dstats, cfg, batch_stats=True, **kwargs)
   got = pallas_backward.backward(x, params, stats, gram, dy, dstats, epsilon=EPS,
                                  interpret=True, **kwargs)

@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 from atac_jax.ops import Affine, GateStats, Moments, batch_norm, lean, pallas_gpu, reference
 from atac_jax.ops.pallas_backward import DataParallel
-from test_pallas_backward import _close, _params
+from test_pallas_backward import _close, _params, backward_operands
 
 EPS = 1e-5
 NORM_EPS = 1e-3
@@ -119,26 +119,8 @@ CASES = [  # shape, K, bias, fused, with_dstats, small_tiles
 def test_matches_lean_backward(shape, k, bias, fused, with_dstats, tiles, request):
   if tiles:
     request.getfixturevalue("small_tiles")
-  c = shape[-1]
-  keys = jax.random.split(jax.random.PRNGKey(sum(shape) + k + bias + 2 * fused), 6)
-  x = jax.random.normal(keys[0], shape) + 0.3
-  dy = jax.random.normal(keys[1], shape)
-  params = _params(keys[2], c, k, bias=bias)
-  cfg = lean.Config(EPS, True)
-  norm, kwargs = None, {}
-  if fused:
-    norm = lean.InputNorm(batch_norm.moments(x), _affine(keys[3], c), NORM_EPS, jnp.float32,
-                          True)
-    kwargs = {"norm": norm, "norm_dstats": None}
-  dstats = None
-  if with_dstats:  # cotangents flowing into the returned batch moments
-    r = jax.random.split(keys[5], 4)
-    dstats = GateStats(Moments(jax.random.normal(r[0], (k,)), jax.random.normal(r[1], (k,))),
-                       Moments(jax.random.normal(r[2], (c,)), None))
-    if fused:
-      kwargs["norm_dstats"] = Moments(None, jax.random.normal(r[3], (c,)))
-  _, stats, gram = lean.forward(x, params, None, cfg, norm=norm)
-  args = (x, params, stats, gram, dy, dstats)
+  cfg, args, kwargs = backward_operands(sum(shape) + k + bias + 2 * fused, shape, k, bias=bias,
+                                        fused=fused, with_dstats=with_dstats)
   want = _jit_backward(functools.partial(lean.backward, cfg=cfg, batch_stats=True), *args,
                        **kwargs)
   got = _jit_backward(pallas_gpu.backward, *args, epsilon=EPS, interpret=True, **kwargs)
