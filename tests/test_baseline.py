@@ -21,7 +21,7 @@ def test_load_package_imports_a_renamed_copy_of_the_checkout():
   assert there != here and REPO not in there.parents
   # Its modules import one another, not this checkout's.
   lean = sys.modules["atac_jax_copy_under_test.ops.lean"]
-  assert lean.pallas_backward.__name__ == "atac_jax_copy_under_test.ops.pallas_backward"
+  assert lean.dispatch.__name__ == "atac_jax_copy_under_test.ops.dispatch"
   assert "atac_jax." not in there.read_text().replace("atac_jax_copy_under_test", "")
   # The same model, parameter for parameter.
   shape = (1, 32, 32, 3)
