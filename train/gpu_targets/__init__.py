@@ -1,0 +1,1 @@
+"""Device descriptions (GpuTargetConfigProto text) of the GPUs ``atac-bench compile`` targets."""
