@@ -281,24 +281,34 @@ def current_data_parallel() -> Optional[DataParallel]:
   return getattr(_context, "value", None)
 
 
+def run_per_device(fn, tiled, consts, *, parallel: Optional[DataParallel], batch_axis: int,
+                   summed: bool):
+  """``fn(tiled, consts)`` (a tuple of outputs) on each device's shard of ``tiled`` (the batch
+  on axis ``batch_axis``) under ``jax.shard_map`` with ``parallel``, ``consts`` whole on each;
+  ``summed`` outputs (batch sums) are ``psum``-ed over the devices, else split as the batch.
+  With one shard, ``fn`` on the whole. Shared by the TPU and GPU kernels."""
+  if shards(parallel) == 1:
+    return tuple(fn(tiled, consts))
+  axes = parallel.axes if len(parallel.axes) > 1 else parallel.axes[0]
+  split = PartitionSpec(*([None] * batch_axis), axes)
+  n_tiled = len(tiled)
+
+  def per_device(*args):
+    results = tuple(fn(args[:n_tiled], args[n_tiled:]))
+    return tuple(lax.psum(r, axes) for r in results) if summed else results
+
+  return jax.shard_map(per_device, mesh=parallel.mesh,
+                       in_specs=(split,) * n_tiled + (PartitionSpec(),) * len(consts),
+                       out_specs=PartitionSpec() if summed else split,
+                       check_vma=False)(*tiled, *consts)
+
+
 def _call(kernel, tiled, consts, outs, *, tiles: Tiling, accumulate: bool,
           parallel: Optional[DataParallel], **options):
   """:func:`_pallas`, per device with ``parallel`` (batch: axis 1 of ``tiled``)."""
-  n_tiled = len(tiled)
   pallas = functools.partial(_pallas, kernel, tiles=tiles, accumulate=accumulate, **options)
-  if shards(parallel) == 1:
-    return pallas(tiled, consts, outs)
-  axes = parallel.axes if len(parallel.axes) > 1 else parallel.axes[0]
-  split = PartitionSpec(None, axes)
-
-  def per_device(*args):
-    results = pallas(args[:n_tiled], args[n_tiled:], outs)
-    return tuple(lax.psum(r, axes) for r in results) if accumulate else tuple(results)
-
-  out_specs = tuple(PartitionSpec() if accumulate else split for _ in outs)
-  return jax.shard_map(per_device, mesh=parallel.mesh,
-                       in_specs=(split,) * n_tiled + (PartitionSpec(),) * len(consts),
-                       out_specs=out_specs, check_vma=False)(*tiled, *consts)
+  return run_per_device(lambda t, c: pallas(t, c, outs), tiled, consts, parallel=parallel,
+                        batch_axis=1, summed=accumulate)
 
 
 class _Folded(NamedTuple):
@@ -338,25 +348,29 @@ def _fold(params: GateParams, stats: GateStats, norm, epsilon: float, zeros_c) -
 
 
 class _UpGradients(NamedTuple):
-  """The up BatchNorm's backward from the sums pass (as in ``lean.backward``)."""
+  """The up BatchNorm's backward from the sums pass (as in ``lean.backward``); shared with
+  :mod:`atac_jax.ops.pallas_gpu`, whose kernels use ``c0``, ``c1`` where these use ``M``, ``r``."""
   dscale: jax.Array
   dbias: jax.Array
   dkernel: jax.Array
   dproj_bias: Optional[jax.Array]
+  c0: jax.Array  # (C,) du = up_scale dz + c0 + c1 uc
+  c1: jax.Array  # (C,)
   m_mat: jax.Array  # (K, K) M = Wu diag(c1) Wu^T: da = da_dz + a M + r
   da_offset: jax.Array  # (K,) r = (c0 + c1 up_shift) Wu^T
 
 
-def _up_gradients(f: _Folded, ku32, gram, sums: InputSums, act: ActProducts, count, dup,
+def _up_gradients(f: _Folded, ku32, gram, sums: InputSums, a_dz, count, dup,
                   bias: bool, axis_name) -> _UpGradients:
-  sum_dz_uc = jnp.sum(ku32 * act.a_dz, axis=0) + f.up_shift * sums.dz
+  """From :class:`InputSums` and ``a_dz = a^T dz`` ``(K, C)``."""
+  sum_dz_uc = jnp.sum(ku32 * a_dz, axis=0) + f.up_shift * sums.dz
   dscale, dbias = sum_dz_uc * f.rs_up, sums.dz
   c0, c1, dkernel, dproj_bias = batch_norm.projection_gradients(
       gram.total, gram.matrix, ku32, f.up_shift, f.up_scale, f.rs_up, sums.dz, sum_dz_uc,
-      act.a_dz, count, dup, bias=bias, axis_name=axis_name)
+      a_dz, count, dup, bias=bias, axis_name=axis_name)
   m_mat = (ku32 * c1) @ ku32.T
   da_offset = (c0 + c1 * f.up_shift) @ ku32.T
-  return _UpGradients(dscale, dbias, dkernel, dproj_bias, m_mat, da_offset)
+  return _UpGradients(dscale, dbias, dkernel, dproj_bias, c0, c1, m_mat, da_offset)
 
 
 class _DownGradients(NamedTuple):
@@ -369,20 +383,28 @@ class _DownGradients(NamedTuple):
   xc_dh: jax.Array  # (C, K) xc^T dh
 
 
+def _down_from_sums(f: _Folded, sum_da, sum_da_hc, sum_hc, xc_da, xc_hc, sum_xc, count, ddown,
+                    axis_name) -> _DownGradients:
+  """The down BatchNorm's backward from the sums of ``da`` (masked), ``da hc``, ``hc`` and the
+  products ``xc^T da``, ``xc^T hc`` (shared with :mod:`atac_jax.ops.pallas_gpu`)."""
+  dscale, dbias = sum_da_hc * f.rs_down, sum_da
+  e0, e1 = batch_norm.input_gradient_terms(f.down_scale, f.rs_down, sum_da, sum_da_hc, count,
+                                           ddown, axis_name=axis_name)
+  sum_dh = f.down_scale * sum_da + count * e0 + e1 * sum_hc
+  xc_dh = f.down_scale * xc_da + jnp.outer(sum_xc, e0) + xc_hc * e1
+  return _DownGradients(dscale, dbias, e0, e1, sum_dh, xc_dh)
+
+
 def _down_gradients(f: _Folded, up: _UpGradients, sums: BottleneckSums, act: ActProducts,
                     inputs: InputProducts, sum_xc, count, ddown, axis_name) -> _DownGradients:
   # sums of da_m = mask (da_dz + a M + r) from the accumulated coefficients
   sum_da = sums.mask_da_dz + jnp.sum(up.m_mat * act.a_mask, axis=0) + up.da_offset * sums.mask
   sum_da_hc = (sums.mask_da_dz_hc + jnp.sum(up.m_mat * act.a_mask_hc, axis=0)
                + up.da_offset * sums.mask_hc)
-  dscale, dbias = sum_da_hc * f.rs_down, sum_da
-  e0, e1 = batch_norm.input_gradient_terms(f.down_scale, f.rs_down, sum_da, sum_da_hc, count,
-                                           ddown, axis_name=axis_name)
-  sum_dh = f.down_scale * sum_da + count * e0 + e1 * sums.hc
   xc_da = (inputs.xc_mask_da_dz + jnp.einsum("cjk,jk->ck", inputs.xc_a_mask, up.m_mat)
            + inputs.xc_mask * up.da_offset)
-  xc_dh = f.down_scale * xc_da + jnp.outer(sum_xc, e0) + inputs.xc_hc * e1
-  return _DownGradients(dscale, dbias, e0, e1, sum_dh, xc_dh)
+  return _down_from_sums(f, sum_da, sum_da_hc, sums.hc, xc_da, inputs.xc_hc, sum_xc, count,
+                         ddown, axis_name)
 
 
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
@@ -451,7 +473,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
   input_products = InputProducts.unpack(packed[3], c, k)
 
   # The BatchNorms' gradients from the sums (host side, small).
-  up = _up_gradients(f, ku32, gram, input_sums, act_products, count, dup,
+  up = _up_gradients(f, ku32, gram, input_sums, act_products.a_dz, count, dup,
                      bias=params.up.bias is not None, axis_name=axis_name)
   down = _down_gradients(f, up, bottleneck_sums, act_products, input_products, input_sums.xc,
                          count, ddown, axis_name)

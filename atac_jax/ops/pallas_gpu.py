@@ -26,7 +26,7 @@ sweeps over its channels read it again, from cache):
    ``c0``, ``c1``.
 
 The host-side math between the passes is the TPU backward's and the XLA backward's
-(``pallas_backward._fold``, ``batch_norm.projection_gradients``/``input_gradient_terms``,
+(``pallas_backward._fold``/``_up_gradients``/``_down_from_sums``,
 ``lean.InputNorm.gradient_terms``), so ``axis_name`` (sums this device's, constants the whole
 batch's) and ``parallel`` (per device under ``shard_map``) mean what they mean there.
 
@@ -68,10 +68,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec
 
-from atac_jax.ops import batch_norm
-from atac_jax.ops.pallas_backward import DataParallel, _fold, _varying_like, shards
+from atac_jax.ops.pallas_backward import (DataParallel, _down_from_sums, _fold, _up_gradients,
+                                          _varying_like, run_per_device, shards)
 from atac_jax.ops.pallas_tiles import BottleneckConsts, InputConsts, InputGradConsts, InputSums
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection, cast_like
 from atac_jax.ops.types import varying_like
@@ -444,50 +443,17 @@ def _call(kernel, rows, consts, *, g: Geometry, partials, parallel: Optional[Dat
   summed over the programs (and ``psum``-ed over the devices)."""
   pallas = functools.partial(_pallas, kernel, g=g, partials=partials, **options)
 
-  split_over = shards(parallel) > 1
-  axes = None
-  if split_over:
-    axes = parallel.axes if len(parallel.axes) > 1 else parallel.axes[0]
+  def run(rows, consts):
+    results = pallas(rows, consts)
+    return results if partials is None else tuple(jnp.sum(r, axis=0) for r in results)
 
-  def per_device(*args):
-    results = pallas(args[:len(rows)], args[len(rows):])
-    if partials is None:
-      return tuple(results)
-    sums = tuple(jnp.sum(r, axis=0) for r in results)
-    return tuple(lax.psum(s, axes) for s in sums) if split_over else sums
-
-  if not split_over:
-    return per_device(*rows, *consts)
-  split = PartitionSpec(axes)
-  n_out = 1 if partials is None else len(partials)
-  out_specs = (split if partials is None else PartitionSpec(),) * n_out
-  return jax.shard_map(per_device, mesh=parallel.mesh,
-                       in_specs=(split,) * len(rows) + (PartitionSpec(),) * len(consts),
-                       out_specs=out_specs, check_vma=False)(*rows, *consts)
+  return run_per_device(run, rows, consts, parallel=parallel, batch_axis=0,
+                        summed=partials is not None)
 
 
 def _pad(a: jax.Array, shape) -> jax.Array:
   """``a`` padded with zeros at the end of each axis to ``shape``."""
   return jnp.pad(a, [(0, s - d) for s, d in zip(shape, a.shape)])
-
-
-class _UpGradients(NamedTuple):
-  """The up BatchNorm's and projection's backward from pass 1's sums."""
-  daffine: Affine
-  dkernel: jax.Array
-  dbias: Optional[jax.Array]
-  c0: jax.Array  # du = up_scale dz + c0 + c1 uc
-  c1: jax.Array
-
-
-def _up_gradients(f, ku, gram, sums: InputSums, a_dz, count, dup, *, bias: bool,
-                  axis_name) -> _UpGradients:
-  """As the TPU kernels' (``pallas_backward._up_gradients``), keeping ``c0`` and ``c1``."""
-  sum_dz_uc = jnp.sum(ku * a_dz, axis=0) + f.up_shift * sums.dz
-  c0, c1, dkernel, dbias = batch_norm.projection_gradients(
-      gram.total, gram.matrix, ku, f.up_shift, f.up_scale, f.rs_up, sums.dz, sum_dz_uc, a_dz,
-      count, dup, bias=bias, axis_name=axis_name)
-  return _UpGradients(Affine(sum_dz_uc * f.rs_up, sums.dz), dkernel, dbias, c0, c1)
 
 
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
@@ -555,12 +521,9 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
                         partials=((len(_DaSums._fields), kp), (c, kp)),
                         flops=da_flops + mm, transcendentals=sig)
   da_sums = _DaSums(*(s[:k] for s in da_sums))
-  xc_da, xc_hc = xc_da[:, :k], xc_hc[:, :k]
-  dscale_down, dbias_down = da_sums.da_hc * f.rs_down, da_sums.da
-  e0, e1 = batch_norm.input_gradient_terms(f.down_scale, f.rs_down, da_sums.da, da_sums.da_hc,
-                                           count, ddown, axis_name=axis_name)
-  sum_dh = f.down_scale * da_sums.da + count * e0 + e1 * da_sums.hc
-  xc_dh = f.down_scale * xc_da + jnp.outer(input_sums.xc, e0) + xc_hc * e1
+  down = _down_from_sums(f, da_sums.da, da_sums.da_hc, da_sums.hc, xc_da[:, :k], xc_hc[:, :k],
+                         input_sums.xc, count, ddown, axis_name)
+  sum_dh, xc_dh, e0, e1 = down.sum_dh, down.xc_dh, down.dh_offset, down.dh_slope
   dbd = None if params.down.bias is None else sum_dh
   daffine = None
   if norm is not None:  # lean.InputNorm's terms with xc = x - norm_mean
@@ -578,6 +541,7 @@ def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.A
                     flops=da_flops + (1 if g.chunks == 1 else 2) * mm + elementwise,
                     transcendentals=(1 if g.chunks == 1 else 2) * sig)  # z again (chunks)
   dx = dx_rows.reshape(x.shape).astype(x.dtype)
-  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(dscale_down, dbias_down),
-                                 Projection(up.dkernel, up.dbias), up.daffine), params)
+  dparams = cast_like(GateParams(Projection(dkd, dbd), Affine(down.dscale, down.dbias),
+                                 Projection(up.dkernel, up.dproj_bias),
+                                 Affine(up.dscale, up.dbias)), params)
   return dx, dparams, daffine
