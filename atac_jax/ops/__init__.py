@@ -9,8 +9,8 @@ Which backward pass runs is :func:`atac_jax.ops.dispatch.choose` (one decision t
 backend-specific choices live in :mod:`atac_jax.ops.policy`.
 """
 
-from atac_jax.ops import (batch_norm, dispatch, lean, pallas_backward, pallas_gpu, policy,
-                          reference)
+from atac_jax.ops import (batch_norm, dispatch, lean, pallas_backward, pallas_gpu, pallas_rows,
+                          pallas_tpu, policy, reference)
 from atac_jax.ops.dispatch import Backward, Choice, Request, choose
 from atac_jax.ops.gate import IMPLS, gate, norm_gate
 from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projection
@@ -18,5 +18,5 @@ from atac_jax.ops.types import Affine, GateParams, GateStats, Moments, Projectio
 __all__ = [
     "Affine", "Backward", "Choice", "GateParams", "GateStats", "IMPLS", "Moments", "Projection",
     "Request", "batch_norm", "choose", "dispatch", "gate", "lean", "norm_gate", "pallas_backward",
-    "pallas_gpu", "policy", "reference",
+    "pallas_gpu", "pallas_rows", "pallas_tpu", "policy", "reference",
 ]

@@ -36,8 +36,9 @@ row  request                   condition                        backward    why
 Rows 8-13 apply to a training-mode lean op (op ``lean``, or ``auto`` by the policy). Row 10:
 without knowing the split the kernels would see the whole batch on every device. Row 12: the
 platform's kernels' ``supported`` (:func:`kernels_for`): on TPU (and the CPU's interpreter)
-``pallas_backward.supported`` (float32, rank >= 3, ``inner_relu``, channels multiples of 8, a
-tile within the on-chip budget, the batch a multiple of its shards); on GPU
+``pallas_tpu.supported``: the two-pass kernels' (float32, rank >= 3, ``inner_relu``, channels
+multiples of 8, a tile within the on-chip budget, the batch a multiple of its shards), else the
+row kernels' (bfloat16, channels on the lanes, a row block within the budget); on GPU
 ``pallas_gpu.supported`` (float32 or bfloat16, channels a power of two >= 16, ...); and, on the
 CPU, Pallas' interpreter outside a ``shard_map`` that checks varying axes. (Row 11, "no GPU
 kernels", is gone since the GPU kernels exist.) The choice also carries the lean
@@ -59,7 +60,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from atac_jax.ops import pallas_backward, pallas_gpu, policy, types
+from atac_jax.ops import pallas_backward, pallas_gpu, pallas_tpu, policy, types
 
 IMPLS = ("auto", "lean", "pallas", "reference")
 OPS = ("auto", "lean", "reference")
@@ -70,7 +71,7 @@ class Backward(enum.Enum):
   """The backward pass a gate runs."""
   REFERENCE = "reference"  # plain autodiff of ops.reference (stores the bottleneck)
   XLA = "xla"  # the lean op (ops.lean), its backward written in XLA
-  PALLAS = "pallas"  # the lean op, its training backward as the two kernels of pallas_backward
+  PALLAS = "pallas"  # the lean op, its training backward as the platform's Pallas kernels
 
 
 class Request(NamedTuple):
@@ -290,6 +291,6 @@ def _decide(request: Request, train: bool, axis_name: Any, x: Optional[jax.Array
 
 def kernels_for(platform: str):
   """The Pallas backward's module for ``platform``: :mod:`~atac_jax.ops.pallas_gpu` (Triton)
-  on GPU, else :mod:`~atac_jax.ops.pallas_backward` (Mosaic on TPU, Pallas' interpreter on the
+  on GPU, else :mod:`~atac_jax.ops.pallas_tpu` (Mosaic on TPU, Pallas' interpreter on the
   CPU)."""
-  return pallas_gpu if platform == "gpu" else pallas_backward
+  return pallas_gpu if platform == "gpu" else pallas_tpu

@@ -10,7 +10,9 @@ Implementations (``impl``; which one runs is :func:`atac_jax.ops.dispatch.choose
 * ``"pallas"`` -- ``"lean"`` with its training backward pass as two Pallas kernels
   (:mod:`atac_jax.ops.pallas_backward`: two passes over the input instead of XLA's ~17 on TPU)
   where they apply (float32, rank >= 3, ``inner_relu``, channel counts multiples of 8, a tile
-  within the on-chip memory budget; else the XLA backward). Compiled by Mosaic on TPU, run in
+  within the on-chip memory budget), else, on TPU, the three row kernels of
+  :mod:`atac_jax.ops.pallas_rows` (bfloat16, wide units: ResNet-50's), else the XLA backward
+  (:mod:`atac_jax.ops.pallas_tpu` chooses). Compiled by Mosaic on TPU, run in
   Pallas' interpreter on the CPU (slow: for tests); on NVIDIA GPUs the three Triton kernels of
   :mod:`atac_jax.ops.pallas_gpu` (float32 or bfloat16, channels a power of two >= 16). Where
   the batch lies is read from JAX (:func:`atac_jax.ops.dispatch.where_batch_lies`: one device,

@@ -20,8 +20,10 @@ Choices (``choice(name)``):
 
 ``backward_kernel`` -- the lean op's training backward under ``backward_kernel="auto"``:
   ``"pallas"`` on TPU, two passes over the input instead of XLA's ~17 (ResNet-20 on v5e:2x2:
-  1.96 GB accessed against 3.10 GB); ``"pallas"`` on GPU, the Triton kernels of
-  :mod:`atac_jax.ops.pallas_gpu` (three passes; figures in ``docs/performance.md``, GPU);
+  1.96 GB accessed against 3.10 GB), three in bfloat16 for units too wide for two
+  (:mod:`atac_jax.ops.pallas_tpu`; ResNet-50's bfloat16 step: 1.06x ReLU's bytes against
+  1.12x); ``"pallas"`` on GPU, the Triton kernels of :mod:`atac_jax.ops.pallas_gpu` (three
+  passes; figures in ``docs/performance.md``, GPU);
   ``"xla"`` on the CPU (it runs the kernels only in Pallas' interpreter, for tests).
 
 ``colsum`` -- how a column sum over rows is written: on the CPU a product with ones (exact),
