@@ -23,8 +23,9 @@ import tempfile
 # 8 fake CPU devices, and LLVM's optimisation level 1 for the CPU code XLA compiles: most tests
 # compile far more than they run, and level 1 took a set of model transform tests from 116 to
 # 81 s (CPU 165 -> 109 s) while the quickstart training run kept its time (63 s at both levels;
-# level 0 made it 255 s). The CLI processes tests start set their own XLA_FLAGS.
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=1"):
+# level 0 made it 255 s). The CLI processes tests start take the same level (cli_xla_flags).
+LLVM_LEVEL = "--xla_backend_optimization_level=1"
+for _flag in ("--xla_force_host_platform_device_count=8", LLVM_LEVEL):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,6 +58,12 @@ def pytest_collection_modifyitems(items):
   """The files of ``SLOWEST_FILES`` first, in that order; each file's tests keep their order."""
   rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
+def cli_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a CLI process a test starts: ``devices`` fake CPU devices, and the test
+  processes' LLVM level, so a run in a child compiles the same program as one in the test."""
+  return f"--xla_force_host_platform_device_count={devices} {LLVM_LEVEL}"
 
 
 def small_quickstart_config(**overrides):

@@ -12,7 +12,7 @@ import pytest
 from atac_train import trainer, validation
 from atac_train.errors import ConfigError, WorkdirError
 from atac_train.hooks import INTERRUPT_AT_ENV
-from conftest import small_quickstart_config
+from conftest import cli_xla_flags, small_quickstart_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def _start(workdir, *, interrupt_at):
   """The trainer, told to send itself SIGINT at a named point (atac_train.hooks)."""
   # One CPU device, spelt as test_gcs_workdir.py's runs spell it: the same XLA flags make the same
   # programs, so the session's compilation cache serves both (see conftest.py).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=cli_xla_flags(1),
              **{INTERRUPT_AT_ENV: interrupt_at})
   command = [sys.executable, "-m", "atac_train", "train", "--config", "quickstart", "--workdir",
              str(workdir), "--config.model.name=cifar_resnet8", "--config.global_batch_size=32",

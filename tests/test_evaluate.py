@@ -7,13 +7,13 @@ import shutil
 import subprocess
 import sys
 
-from conftest import damage_checkpoint
+from conftest import cli_xla_flags, damage_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _atac_eval(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(2),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "atac_train", "eval", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)

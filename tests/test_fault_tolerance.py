@@ -16,7 +16,7 @@ import pytest
 
 from atac_jax import checkpoint
 from atac_jax.workdir import Layout
-from conftest import metric_rows, small_quickstart_config
+from conftest import cli_xla_flags, metric_rows, small_quickstart_config
 from atac_train import checkpointing, parallel, trainer
 from atac_train.hooks import KILL_AT_ENV
 from atac_train.evaluate import evaluate_checkpoint
@@ -62,7 +62,7 @@ def test_sigkill_mid_save_resumes_exactly(trained_workdir, tmp_path):
   trainer, not a timed signal): the run resumes from the one before and ends as if never killed."""
   reference_dir, reference = trained_workdir
   # The same XLA program as the in-process reference run: no CLI CPU-flag defaults.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(8),
              JAX_PLATFORMS="cpu", ATAC_JAX_CPU_DEFAULTS="0")
   workdir = tmp_path / "run"
   run = [sys.executable, "-m", "atac_train", "train", "--config",

@@ -16,6 +16,7 @@ from atac_jax import checkpoint, storage
 from atac_jax.workdir import Layout
 from atac_train import rundir
 from atac_train.hooks import KILL_AT_ENV
+from conftest import cli_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORED = ("train/images_per_second",)  # wall-clock
@@ -31,7 +32,7 @@ def _command(workdir, *extra):
 
 
 def _env(gcs_env=None, **extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=cli_xla_flags(1),
              JAX_PLATFORMS="cpu", **(gcs_env or {}), **extra)
   return env
 

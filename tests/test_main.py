@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from atac_jax import checkpoint, storage
+from conftest import cli_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli_env(num_devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = cli_xla_flags(num_devices)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
