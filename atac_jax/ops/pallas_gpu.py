@@ -40,7 +40,6 @@ float32 and bfloat16 only). A bfloat16 input's gradients are the float32 computa
 once, closer to the float32 backward's than the XLA backward's in bfloat16.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -126,9 +125,6 @@ def supported(x: jax.Array, params: GateParams, *, inner_relu: bool,
   if geometry(rows, c, k) is None:
     return f"{rows} rows (batch x positions) a device are not a multiple of {MIN_CHANNELS}"
   return None
-
-
-# ----- the kernels (row form: a block of rows, channels on columns) -----
 
 
 def backward(x: jax.Array, params: GateParams, stats: GateStats, gram, dy: jax.Array,
